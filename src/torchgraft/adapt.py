@@ -1,0 +1,401 @@
+"""Pure tensor adapters: turn a pretrained tensor into one that fits a slightly different model.
+
+Every adapter takes tensors (and plain numbers or names) and returns a new tensor; none of them touches a model,
+a module or a state dict. Each states its rule in its docstring, keeps the dtype and device of the tensor it
+adapts (arithmetic happens in float32 internally), returns a fresh tensor detached from autograd, and raises
+`GraftError` with what was found, what was expected and what to do when the adaptation is impossible.
+
+`ADAPTERS` maps the stable name used in reports to the function; `describe(name)` gives a one-line
+description of that adapter for reports.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from torchgraft.errors import GraftError
+
+__all__ = [
+    "ADAPTERS",
+    "adapt_input_channels",
+    "adapt_classifier_rows",
+    "resize_pos_embed",
+    "resize_embedding",
+    "describe",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input channels
+
+
+def adapt_input_channels(weight: Tensor, in_chans: int) -> Tensor:
+    """Adapt a first-layer convolution weight `[out, in, *kernel]` to `in_chans` input channels.
+
+    Let `S = weight.shape[1]` be the source channel count (3 for an RGB model) and `N = in_chans`. The rules
+    follow timm's `adapt_input_conv`:
+
+    - `N == S`: the weight is returned unchanged (a copy).
+    - `N == 1`: the weight is summed over its input channels. A grayscale image `g` through the new conv gives
+      exactly what the source conv gives on `g` replicated to `S` channels.
+    - `N > S` (e.g. RGB -> 4 or 6): the source channels are repeated cyclically up to `N`
+      (channel `i` takes source channel `i % S`) and the result is scaled by `S / N`, so the summed weight
+      mass per output channel is of the same order as before. Exact guarantee: when `N` is a multiple of `S`
+      and the input repeats the source channels `N / S` times (RGBRGB for `N == 6`), the output equals the
+      source conv's output on the `S`-channel input. For other `N` only the scale is kept: e.g. with
+      `S == 3`, `N == 4` and input `[R, G, B, R]` the output is `3/4 * (conv_RGB([R, G, B]) + conv_R(R))`,
+      where `conv_R` is the source conv restricted to its first channel.
+    - `1 < N < S` (e.g. RGB -> 2): the first `N` source channels are kept and scaled by `S / N`.
+
+    The arithmetic is done in float32; the result has the dtype and device of `weight`.
+    """
+    if not isinstance(weight, Tensor) or weight.ndim < 3:
+        found = f"shape {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise GraftError(
+            f"input_channels: found a weight with {found}; expected a convolution weight of shape "
+            "[out_channels, in_channels, *kernel] (at least 3 dimensions). Pass the first convolution's "
+            "`.weight`, not a linear or bias tensor."
+        )
+    if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1:
+        raise GraftError(
+            f"input_channels: found in_chans={in_chans!r}; expected a positive integer number of input "
+            "channels. Pass the target model's input channel count (e.g. 1 for grayscale, 4 for RGB-NIR)."
+        )
+    source = weight.shape[1]
+    if source < 1:
+        raise GraftError(
+            f"input_channels: found a weight with 0 input channels (shape {tuple(weight.shape)}); expected at "
+            "least one. Check that the right tensor was passed."
+        )
+    if in_chans == source:
+        return weight.detach().clone()
+    w = weight.detach().float()
+    if in_chans == 1:
+        out = w.sum(dim=1, keepdim=True)
+    else:
+        repeats = math.ceil(in_chans / source)
+        out = w.repeat(1, repeats, *([1] * (w.ndim - 2)))[:, :in_chans] * (source / in_chans)
+    return out.to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# classifier rows
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _normalise_class_name(name: str) -> str:
+    return _WHITESPACE.sub(" ", name.replace("_", " ")).strip().casefold()
+
+
+def _check_class_list(classes: Sequence[str], side: str) -> list[str]:
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise GraftError(
+            f"classifier_rows: found {side}_classes of type {type(classes).__name__}; expected a sequence of "
+            "class-name strings, one per classifier row. Pass a list such as ['cat', 'dog']."
+        )
+    bad = [c for c in classes if not isinstance(c, str)]
+    if bad:
+        raise GraftError(
+            f"classifier_rows: found non-string entries in {side}_classes (first: {bad[0]!r} of type "
+            f"{type(bad[0]).__name__}); expected class-name strings. Convert the labels with str() first."
+        )
+    return list(classes)
+
+
+def _unique_index(classes: list[str]) -> dict[str, int]:
+    """Normalised name -> row, leaving out every name that occurs more than once after normalisation."""
+    index: dict[str, int] = {}
+    duplicated: set[str] = set()
+    for row, name in enumerate(classes):
+        key = _normalise_class_name(name)
+        if key in index:
+            duplicated.add(key)
+        else:
+            index[key] = row
+    for key in duplicated:
+        del index[key]
+    return index
+
+
+def adapt_classifier_rows(
+    weight_or_bias: Tensor,
+    source_classes: Sequence[str],
+    target_classes: Sequence[str],
+    init: Tensor,
+) -> tuple[Tensor, int]:
+    """Carry classifier rows over by class name; return `(new_tensor, number_of_copied_rows)`.
+
+    `weight_or_bias` is the source head's weight `[num_source, features]` or bias `[num_source]`, with row `i`
+    belonging to `source_classes[i]`; `init` is the target head's freshly initialised tensor
+    `[num_target, ...]`, row `j` belonging to `target_classes[j]`. The result starts as a copy of `init`; each
+    target row whose class name also names a source row gets that source row. Names match exactly after
+    normalisation: underscores become spaces, runs of whitespace collapse to one space, then `strip()` and
+    `casefold()` (so "golden_retriever" == "Golden Retriever", but "tabby" != "tabby cat"). A name that occurs
+    more than once after normalisation, on either side, is ambiguous and is not copied (its rows keep `init`).
+    The result has the dtype and device of `init`.
+    """
+    src = _check_class_list(source_classes, "source")
+    tgt = _check_class_list(target_classes, "target")
+    if not isinstance(weight_or_bias, Tensor) or not isinstance(init, Tensor):
+        raise GraftError(
+            "classifier_rows: found a non-tensor weight_or_bias or init; expected two tensors, the source "
+            "head's weight (or bias) and the target head's freshly initialised one."
+        )
+    if weight_or_bias.ndim < 1 or weight_or_bias.shape[0] != len(src):
+        raise GraftError(
+            f"classifier_rows: found a source tensor of shape {tuple(weight_or_bias.shape)} but "
+            f"{len(src)} source class names; expected one row per source class. Pass the class list the "
+            "checkpoint was trained with, in row order."
+        )
+    if init.ndim < 1 or init.shape[0] != len(tgt):
+        raise GraftError(
+            f"classifier_rows: found a target init tensor of shape {tuple(init.shape)} but {len(tgt)} target "
+            "class names; expected one row per target class. Pass the target head's freshly initialised "
+            "tensor and the target class list in row order."
+        )
+    if weight_or_bias.shape[1:] != init.shape[1:]:
+        raise GraftError(
+            f"classifier_rows: found source rows of shape {tuple(weight_or_bias.shape[1:])} and target rows "
+            f"of shape {tuple(init.shape[1:])}; expected the same row shape (same feature width). The "
+            "feature dimension differs, so rows cannot be copied; adapt the features first or re-initialise "
+            "the head."
+        )
+    src_index = _unique_index(src)
+    tgt_index = _unique_index(tgt)
+    out = init.detach().clone()
+    copied = 0
+    source_rows = weight_or_bias.detach().to(device=out.device, dtype=out.dtype)
+    for key, j in tgt_index.items():
+        i = src_index.get(key)
+        if i is not None:
+            out[j] = source_rows[i]
+            copied += 1
+    return out, copied
+
+
+# --------------------------------------------------------------------------------------------------------------
+# position embeddings
+
+_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
+
+
+def _check_grid(grid: object, what: str) -> tuple[int, int]:
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
+    ):
+        raise GraftError(
+            f"pos_embed_resize: found {what}={grid!r}; expected a pair of positive integers (height, width) "
+            "in patches. Pass e.g. (14, 14) for a 224px image with 16px patches."
+        )
+    return int(grid[0]), int(grid[1])
+
+
+def resize_pos_embed(
+    posemb: Tensor,
+    new_len_or_grid: int | tuple[int, int] | None,
+    num_prefix_tokens: int = 1,
+    old_grid: tuple[int, int] | None = None,
+    new_grid: tuple[int, int] | None = None,
+    mode: str = "bicubic",
+) -> Tensor:
+    """Resize a ViT absolute position embedding `[1, num_prefix_tokens + H*W, C]` to a new patch grid.
+
+    The first `num_prefix_tokens` tokens (class, distillation, register tokens) are kept unchanged. The
+    remaining `H*W` tokens are laid out as an `H x W` grid (row-major) and interpolated in 2-D with
+    `F.interpolate(mode=mode, align_corners=False, antialias=False)` (for modes that take those options) to
+    the new grid, in float32; the result has the dtype and device of `posemb`. This is timm's
+    `resample_abs_pos_embed(..., antialias=False)`.
+
+    - `new_len_or_grid`: an `(H, W)` grid, or an int giving the new total length *including* the prefix
+      tokens (what the target's `pos_embed.shape[1]` is), whose grid part must be a perfect square. It may be
+      None when `new_grid` is given; if both are given they must agree.
+    - `old_grid`: the source grid; default the square root of the source grid length (which must be square).
+
+    Resizing to the same grid returns an unchanged copy.
+    """
+    if not isinstance(posemb, Tensor) or posemb.ndim != 3 or posemb.shape[0] != 1:
+        found = f"shape {tuple(posemb.shape)}" if isinstance(posemb, Tensor) else type(posemb).__name__
+        raise GraftError(
+            f"pos_embed_resize: found a position embedding with {found}; expected [1, prefix + H*W, C]. "
+            "Pass the ViT's `pos_embed` parameter; other layouts (e.g. [H*W, C]) need reshaping first."
+        )
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
+        raise GraftError(
+            f"pos_embed_resize: found num_prefix_tokens={num_prefix_tokens!r}; expected an integer >= 0 "
+            "(1 for a class token, 0 for none, 1 + registers for register models)."
+        )
+    if mode not in _MODES:
+        raise GraftError(
+            f"pos_embed_resize: found mode={mode!r}; expected one of {', '.join(_MODES)}. Use 'bicubic' "
+            "(timm's default) unless the model was trained otherwise."
+        )
+    length = posemb.shape[1]
+    grid_len = length - num_prefix_tokens
+    if grid_len <= 0:
+        raise GraftError(
+            f"pos_embed_resize: found {length} tokens with num_prefix_tokens={num_prefix_tokens}, leaving no "
+            "grid tokens; expected prefix + H*W tokens with H*W > 0. Check num_prefix_tokens."
+        )
+
+    if old_grid is None:
+        side = math.isqrt(grid_len)
+        if side * side != grid_len:
+            raise GraftError(
+                f"pos_embed_resize: found {grid_len} grid tokens ({length} tokens minus {num_prefix_tokens} "
+                "prefix tokens), which is not a square; expected H*W with H == W when old_grid is not given. "
+                "Pass old_grid=(H, W) for a non-square grid, or check num_prefix_tokens."
+            )
+        old = (side, side)
+    else:
+        old = _check_grid(old_grid, "old_grid")
+        if old[0] * old[1] != grid_len:
+            raise GraftError(
+                f"pos_embed_resize: found old_grid={old} ({old[0] * old[1]} tokens) but the embedding has "
+                f"{grid_len} grid tokens ({length} minus {num_prefix_tokens} prefix tokens); expected them to "
+                "match. Check old_grid and num_prefix_tokens."
+            )
+
+    new: tuple[int, int] | None = None
+    if isinstance(new_len_or_grid, (tuple, list)):
+        new = _check_grid(new_len_or_grid, "new_len_or_grid")
+    elif new_len_or_grid is not None:
+        if isinstance(new_len_or_grid, bool) or not isinstance(new_len_or_grid, int):
+            raise GraftError(
+                f"pos_embed_resize: found new_len_or_grid={new_len_or_grid!r}; expected an int (new total "
+                "length including prefix tokens) or an (H, W) grid."
+            )
+        new_grid_len = new_len_or_grid - num_prefix_tokens
+        side = math.isqrt(new_grid_len) if new_grid_len > 0 else 0
+        if new_grid_len <= 0 or side * side != new_grid_len:
+            raise GraftError(
+                f"pos_embed_resize: found a new length of {new_len_or_grid} tokens, i.e. {new_grid_len} grid "
+                f"tokens after {num_prefix_tokens} prefix tokens, which is not a positive square; expected "
+                "prefix + H*W with H == W. Pass an (H, W) grid for a non-square target."
+            )
+        new = (side, side)
+    if new_grid is not None:
+        explicit = _check_grid(new_grid, "new_grid")
+        if new is not None and new != explicit:
+            raise GraftError(
+                f"pos_embed_resize: found new_len_or_grid={new_len_or_grid!r} (grid {new}) and "
+                f"new_grid={explicit}, which disagree; expected one target grid. Pass only one of them."
+            )
+        new = explicit
+    if new is None:
+        raise GraftError(
+            "pos_embed_resize: found neither new_len_or_grid nor new_grid; expected the target grid. Pass "
+            "new_len_or_grid=(H, W) or the target's total length."
+        )
+
+    posemb = posemb.detach()
+    if new == old:
+        return posemb.clone()
+
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
+    dim = posemb.shape[-1]
+    x = grid.float().reshape(1, old[0], old[1], dim).permute(0, 3, 1, 2)
+    kwargs: dict[str, object] = {}
+    if mode in ("bilinear", "bicubic"):
+        kwargs = {"align_corners": False, "antialias": False}
+    x = F.interpolate(x, size=new, mode=mode, **kwargs)
+    x = x.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], dim).to(posemb.dtype)
+    return torch.cat([prefix, x], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# embeddings
+
+
+def resize_embedding(weight: Tensor, num_rows: int, init: Tensor | None = None) -> Tensor:
+    """Resize an embedding table `[old_rows, ...]` (token embeddings, LM heads) to `num_rows` rows.
+
+    Rows `[:min(old_rows, num_rows)]` are copied unchanged; shrinking therefore keeps the first rows. When
+    growing, the new rows `[old_rows:num_rows]` are taken from the same rows of `init` if it is given (the
+    target's freshly initialised tensor, shape `[num_rows, ...]`); otherwise every new row is the mean of the
+    old rows, computed in float32. This is the idea of Hugging Face's
+    `resize_token_embeddings(mean_resizing=True)` without its sampling from a normal distribution with the
+    old rows' covariance: all new rows are identical (the mean), which keeps new tokens' logits near the
+    average instead of arbitrary. The result has the dtype and device of `weight`.
+    """
+    if not isinstance(weight, Tensor) or weight.ndim < 1:
+        raise GraftError(
+            "embedding_resize: found a non-tensor or 0-dimensional weight; expected an embedding table "
+            "[num_rows, ...]. Pass the embedding's `.weight`."
+        )
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise GraftError(
+            f"embedding_resize: found num_rows={num_rows!r}; expected a non-negative integer. Pass the "
+            "target vocabulary size."
+        )
+    old_rows = weight.shape[0]
+    if init is not None:
+        if not isinstance(init, Tensor) or tuple(init.shape) != (num_rows, *weight.shape[1:]):
+            found = tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__
+            raise GraftError(
+                f"embedding_resize: found init of shape {found}; expected the target's full tensor of shape "
+                f"{(num_rows, *weight.shape[1:])}. Pass the target embedding's freshly initialised weight, or "
+                "leave init out to use the mean of the old rows."
+            )
+    keep = min(old_rows, num_rows)
+    out = weight.new_empty((num_rows, *weight.shape[1:]))
+    out[:keep] = weight[:keep].detach()
+    if num_rows > old_rows:
+        if init is not None:
+            out[old_rows:] = init[old_rows:].detach().to(device=out.device, dtype=out.dtype)
+        else:
+            if old_rows == 0:
+                raise GraftError(
+                    "embedding_resize: found an empty embedding table (0 rows); expected at least one row to "
+                    "take the mean of. Pass init= with the target's freshly initialised weight."
+                )
+            mean = weight.detach().float().mean(dim=0)
+            out[old_rows:] = mean.to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# registry
+
+ADAPTERS: dict[str, Callable[..., object]] = {
+    "input_channels": adapt_input_channels,
+    "classifier_rows": adapt_classifier_rows,
+    "pos_embed_resize": resize_pos_embed,
+    "embedding_resize": resize_embedding,
+}
+
+_DESCRIPTIONS: dict[str, str] = {
+    "input_channels": (
+        "input conv channels adapted: summed for 1 channel, else repeated cyclically/truncated and scaled by "
+        "source/target channels"
+    ),
+    "classifier_rows": (
+        "classifier rows copied by class name (case/underscore-insensitive); unmatched or ambiguous classes "
+        "keep fresh init"
+    ),
+    "pos_embed_resize": (
+        "position embedding grid resampled in 2-D (bicubic by default); prefix tokens kept unchanged"
+    ),
+    "embedding_resize": (
+        "embedding rows resized: overlapping rows kept, new rows from fresh init or the mean of old rows"
+    ),
+}
+
+
+def describe(name: str) -> str:
+    """One-line human description of the adapter registered as `name`, for reports."""
+    try:
+        return _DESCRIPTIONS[name]
+    except (KeyError, TypeError):
+        raise GraftError(
+            f"found adapter name {name!r}; expected one of {', '.join(sorted(ADAPTERS))}. Use a name from "
+            "torchgraft.adapt.ADAPTERS."
+        ) from None

@@ -1,0 +1,5 @@
+import sys
+
+from torchgraft.cli import main
+
+sys.exit(main())

