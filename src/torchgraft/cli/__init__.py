@@ -20,11 +20,14 @@ class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter)
 
 
 def _subcommands() -> dict[str, tuple[Callable[[], ArgumentParser], Callable[..., int], str]]:
-    from torchgraft.cli import demo, diff, inspect
+    from torchgraft.cli import demo, diff, inspect, transfer
 
     return {
         "inspect": (inspect.parser, inspect.run, "show what a checkpoint or a model holds"),
         "diff": (diff.parser, diff.run, "compare the tensors of two checkpoints or models"),
+        "plan": (transfer.plan_parser, transfer.run_plan, "propose which source tensor each model tensor takes"),
+        "transfer": (transfer.transfer_parser, transfer.run_transfer,
+                     "load what fits from a checkpoint into a model, with a per-tensor report"),
         "demo": (demo.parser, demo.run, "a tour on torchvision's real MobileNetV2 weights, offline"),
     }
 

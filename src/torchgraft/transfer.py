@@ -1,0 +1,472 @@
+"""Map a checkpoint into a model that is not quite the one it was trained for, and say what happened to every tensor.
+
+    plan(source, model)      -> Report   which source tensor(s) each target tensor takes, how, and why not
+    apply(report, source, model)         place the tensors (copy, or assign into a meta-device model)
+    transfer(source, model)  -> Report   both, in place, like `load_state_dict`
+
+Matching runs in layers, each recorded per tensor as its `method`: user rules (`rule`, `rule:merge`,
+`rule:split`), exact names (`exact`), names after removing wrapper prefixes found by analysis (`prefix`), and
+structure (`structure`) for whatever is still unmatched. A shape mismatch goes to a named adapter when one
+applies (stem channels, classifier rows, position embeddings, vocabularies) and otherwise stays `new`: nothing
+is cropped silently. A tensor is loaded only when its source is unambiguous.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchgraft import adapt
+from torchgraft.errors import GraftError
+from torchgraft.io.read import Source, load
+from torchgraft.match.names import Rules, best_prefixes, load_rules, strip_prefix
+from torchgraft.match.structure import align, groups_from_keys, groups_from_model
+from torchgraft.summary import collapse_indices
+
+__all__ = ["Entry", "Report", "plan", "apply", "transfer", "BENIGN_NEW"]
+
+log = logging.getLogger(__name__)
+
+#: Target tensors that may stay new without harm: counters and index buffers a model rebuilds itself.
+BENIGN_NEW = {
+    "num_batches_tracked": "a BatchNorm counter older files lack; it keeps its default (0)",
+    "position_ids": "an index buffer (0, 1, 2, ...) the model builds itself",
+}
+LOW_OVERLAP = 0.10
+
+
+@dataclass
+class Entry:
+    """What one target tensor receives."""
+
+    target: str
+    source: str | list[str] | None
+    status: str  # "loaded" | "adapted" | "new"
+    method: str  # "exact" | "prefix" | "rule" | "rule:merge" | "rule:split" | "structure" | "none"
+    adapter: str | None = None
+    note: str = ""
+    dim: int | None = None  # for merges and splits
+    part: int | None = None  # which chunk of a split
+
+    @property
+    def benign(self) -> bool:
+        return self.status == "new" and self.target.rsplit(".", 1)[-1] in BENIGN_NEW
+
+
+@dataclass
+class Report:
+    """The outcome of matching (a plan) or of a transfer: one entry per target tensor, and unused sources."""
+
+    source: str
+    target: str
+    entries: list[Entry]
+    unused_source: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    target_numel: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def counts(self) -> dict[str, int]:
+        c = {"loaded": 0, "adapted": 0, "new": 0}
+        for e in self.entries:
+            c[e.status] += 1
+        c["unused_source"] = len(self.unused_source)
+        return c
+
+    @property
+    def loaded_fraction(self) -> float:
+        """Share of the target's elements that came from the source (loaded or adapted)."""
+        total = sum(self.target_numel.values()) or 1
+        done = sum(self.target_numel.get(e.target, 0) for e in self.entries if e.status != "new")
+        return done / total
+
+    def entry(self, target: str) -> Entry:
+        for e in self.entries:
+            if e.target == target:
+                return e
+        raise KeyError(target)
+
+    def by_status(self, status: str) -> list[Entry]:
+        return [e for e in self.entries if e.status == status]
+
+    def to_dict(self) -> dict[str, Any]:
+        keep = ("target", "source", "status", "method", "adapter", "note")
+        return {
+            "source": self.source,
+            "target": self.target,
+            "entries": [{k: v for k, v in asdict(e).items() if k in keep or v is not None} for e in self.entries],
+            "unused_source": self.unused_source,
+            "summary": self.counts(),
+            "warnings": self.warnings,
+        }
+
+    def summary(self, max_rows: int = 12) -> str:
+        """A short text: counts, then new and unused tensors with layer indices collapsed ("... and N more")."""
+        c = self.counts()
+        lines = [f"{c['loaded']} loaded, {c['adapted']} adapted, {c['new']} new, "
+                 f"{c['unused_source']} source tensors unused ({self.loaded_fraction:.1%} of the target's values "
+                 "from the source)"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        for title, names in (("adapted", [f"{e.target} ({e.adapter})" for e in self.by_status("adapted")]),
+                             ("new", [e.target for e in self.by_status("new") if not e.benign]),
+                             ("unused", [u["key"] for u in self.unused_source])):
+            rows = collapse_indices(names)
+            if rows:
+                lines.append(f"{title}:")
+                lines += [f"  {label}" + (f"  x{len(m)}" if len(m) > 1 else "") for label, m in rows[:max_rows]]
+                if len(rows) > max_rows:
+                    lines.append(f"  ... and {len(rows) - max_rows} more")
+        return "\n".join(lines)
+
+    def check_strict(self, allow_new: Sequence[str] = ()) -> None:
+        """Raise unless every target tensor is loaded or adapted (benign buffers and `allow_new` globs aside)."""
+        missing = [e.target for e in self.entries if e.status == "new" and not e.benign
+                   and not any(fnmatch.fnmatchcase(e.target, p) for p in allow_new)]
+        if missing:
+            shown = ", ".join(label for label, _ in collapse_indices(missing)[:5])
+            raise GraftError(
+                f"--strict: {len(missing)} target tensors would stay new ({shown}); expected every tensor loaded "
+                "or adapted. Nothing was written. Add a rule for them, or allow them with --allow-new PATTERN "
+                "(e.g. --allow-new 'fc.*' for a new head)."
+            )
+
+
+# ---- planning ---------------------------------------------------------------------------------------------
+
+
+def _first_conv(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("first_conv"), str):
+        return cfg["first_conv"]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return name
+    return None
+
+
+class _Planner:
+    def __init__(self, source: Source, model: nn.Module, rules: Rules,
+                 source_classes: Sequence[str] | None, target_classes: Sequence[str] | None) -> None:
+        self.source, self.model, self.rules = source, model, rules
+        self.source_classes, self.target_classes = source_classes, target_classes
+        state = model.state_dict(keep_vars=True)
+        self.tgt = {k: tuple(v.shape) for k, v in state.items()}
+        self.tgt_numel = {k: v.numel() for k, v in state.items()}
+        self.src = {k: tuple(i.shape) for k, i in source.info.items()}
+        self.modules = dict(model.named_modules())
+        self.first_conv = _first_conv(model)
+        self.entries: dict[str, Entry] = {}
+        self.used: set[str] = set()
+        self.why_unused: dict[str, str] = {}
+        self.mismatched: list[tuple[str, str, str, str]] = []  # (target, source, method, note)
+
+    # -- helpers
+    def _free_targets(self) -> list[str]:
+        return [k for k in self.tgt if k not in self.entries]
+
+    def _free_sources(self) -> dict[str, tuple[int, ...]]:
+        return {k: s for k, s in self.src.items() if k not in self.used and k not in self.why_unused}
+
+    def _take(self, target: str, source: str | list[str], method: str, note: str = "", **kw: Any) -> None:
+        self.entries[target] = Entry(target, source, "loaded", method, note=note, **kw)
+        self.used.update([source] if isinstance(source, str) else source)
+
+    def _pair(self, target: str, source: str, method: str, note: str = "") -> None:
+        if self.src[source] == self.tgt[target]:
+            self._take(target, source, method, note)
+        else:
+            self.mismatched.append((target, source, method, note))
+            self.used.add(source)
+            self.entries[target] = Entry(target, source, "new", method, note="(shape mismatch, pending)")
+
+    # -- layers
+    def drops(self) -> None:
+        for k in self.src:
+            if self.rules.is_dropped(k):
+                self.why_unused[k] = "dropped by a rule"
+
+    def merges_and_splits(self) -> None:
+        free = self._free_sources()
+        for target, sources, dim in self.rules.expand_merges(free):
+            if target not in self.tgt or target in self.entries:
+                continue
+            if not all(s in free for s in sources):
+                continue
+            shapes = [list(self.src[s]) for s in sources]
+            total = list(shapes[0])
+            total[dim] = sum(s[dim] for s in shapes)
+            if tuple(total) == self.tgt[target] and all(s[:dim] + s[dim + 1:] == shapes[0][:dim] + shapes[0][dim + 1:]
+                                                         for s in shapes):
+                self._take(target, list(sources), "rule:merge", note=f"concatenated along dim {dim}", dim=dim)
+        free = self._free_sources()
+        for source, targets, dim in self.rules.expand_splits(free):
+            if source not in free or any(t not in self.tgt or t in self.entries for t in targets):
+                continue
+            shape = list(self.src[source])
+            if shape[dim] % len(targets):
+                continue
+            chunk = shape[:dim] + [shape[dim] // len(targets)] + shape[dim + 1:]
+            if all(self.tgt[t] == tuple(chunk) for t in targets):
+                for i, t in enumerate(targets):
+                    self.entries[t] = Entry(t, source, "loaded", "rule:split",
+                                            note=f"part {i + 1} of {len(targets)} along dim {dim}", dim=dim, part=i)
+                self.used.add(source)
+
+    def renames(self) -> None:
+        for s in list(self._free_sources()):
+            hit = self.rules.renamed(s)
+            if hit is None:
+                continue
+            target, rule = hit
+            if target in self.tgt and target not in self.entries:
+                self._pair(target, s, "rule", note=f"renamed by {rule!r}")
+
+    def exact(self) -> None:
+        free = self._free_sources()
+        for t in self._free_targets():
+            if t in free:
+                self._pair(t, t, "exact")
+
+    def prefixes(self) -> None:
+        free = self._free_sources()
+        targets = {t: self.tgt[t] for t in self._free_targets()}
+        if not free or not targets:
+            return
+        sp, tp, hits = best_prefixes(free, targets)
+        if hits <= 0 or not (sp or tp):
+            return
+        by_name = {strip_prefix(k, sp): k for k in free}
+        parts = [f"source prefix {sp!r} removed" if sp else "", f"target prefix {tp!r} removed" if tp else ""]
+        note = "; ".join(p for p in parts if p)
+        for t in targets:
+            s = by_name.get(strip_prefix(t, tp))
+            if s is not None and s not in self.used:
+                self._pair(t, s, "prefix", note)
+
+    def structure(self) -> None:
+        free = self._free_sources()
+        targets = self._free_targets()
+        if not free or not targets:
+            return
+        kinds_src = None
+        if self.source.modules:
+            kinds_src = {k: v.rsplit(".", 1)[-1] for k, v in self.source.modules.items()}
+        src_groups = groups_from_keys(free, kinds_src)
+        target_set = set(targets)
+        tgt_groups = [g for g in groups_from_model(self.model)]
+        # keep only the target tensors that are still unmatched
+        trimmed = []
+        for g in tgt_groups:
+            keep = tuple((n, s) for n, s in g.tensors if _join(g.name, n) in target_set)
+            if keep and len(keep) == len(g.tensors):
+                trimmed.append(g)
+        for m in align(src_groups, trimmed):
+            tg = trimmed[m.target]
+            if m.source is None:
+                if m.candidates:
+                    cands = ", ".join(src_groups[i].name for i in m.candidates[:4])
+                    for n, _ in tg.tensors:
+                        self.entries[_join(tg.name, n)] = Entry(
+                            _join(tg.name, n), None, "new", "none",
+                            note=f"ambiguous: fits source modules {cands}; add a rename rule to choose")
+                continue
+            sg = src_groups[m.source]
+            src_names = [n for n, _ in sg.tensors]
+            for n, shape in tg.tensors:
+                if n in src_names:
+                    s_name = n
+                else:  # same signature, other local names: pair by position
+                    s_name = src_names[[x for x, _ in tg.tensors].index(n)]
+                s_key, t_key = _join(sg.name, s_name), _join(tg.name, n)
+                if s_key in free and self.src[s_key] == self.tgt[t_key] and s_key not in self.used:
+                    self._take(t_key, s_key, "structure", note=f"module {sg.name or '(root)'} -> "
+                                                                  f"{tg.name or '(root)'} ({m.how})")
+
+    def adapters(self) -> None:
+        for target, source, method, note in self.mismatched:
+            entry = self._adapt(target, source, method, note)
+            self.entries[target] = entry
+            if entry.status == "new":
+                self.used.discard(source)
+                self.why_unused[source] = (f"shape {list(self.src[source])} does not fit {target} "
+                                           f"{list(self.tgt[target])}")
+
+    def _adapt(self, target: str, source: str, method: str, note: str) -> Entry:
+        s, t = self.src[source], self.tgt[target]
+        module_name, _, pname = target.rpartition(".")
+        module = self.modules.get(module_name)
+        prefix = f"{note}; " if note else ""
+        same_rest = len(s) == len(t) and s[1:] == t[1:]
+        if isinstance(module, nn.modules.conv._ConvNd) and pname == "weight" and len(s) == len(t) and \
+                s[0] == t[0] and s[2:] == t[2:] and module_name == self.first_conv:
+            return Entry(target, source, "adapted", method, "input_channels",
+                         prefix + f"stem {s[1]} -> {t[1]} input channels")
+        if isinstance(module, nn.Linear) and same_rest and s[0] != t[0]:
+            if self.source_classes and self.target_classes and len(self.source_classes) == s[0] \
+                    and len(self.target_classes) == t[0]:
+                return Entry(target, source, "adapted", method, "classifier_rows",
+                             prefix + f"classifier {s[0]} -> {t[0]} classes: rows of shared class names copied")
+            return Entry(target, None, "new", "none", None,
+                         prefix + f"classifier with {t[0]} outputs; the source has {s[0]} and no class names on both "
+                                  f"sides, so it starts new (source {source})")
+        if isinstance(module, nn.Embedding) and same_rest and s[0] != t[0]:
+            return Entry(target, source, "adapted", method, "embedding_resize",
+                         prefix + f"{s[0]} -> {t[0]} rows: overlap copied, the rest initialised")
+        if "pos_embed" in pname and len(s) == 3 == len(t) and s[0] == t[0] == 1 and s[2] == t[2]:
+            return Entry(target, source, "adapted", method, "pos_embed_resize",
+                         prefix + f"{s[1]} -> {t[1]} positions: grid interpolated, prefix tokens kept")
+        return Entry(target, None, "new", "none", None,
+                     prefix + f"source {source} has shape {list(s)}, target {list(t)}; not cropped — a rule can ask "
+                              "for it")
+
+    def finish(self) -> Report:
+        entries = []
+        for t in self.tgt:
+            e = self.entries.get(t)
+            if e is None:
+                suffix = t.rsplit(".", 1)[-1]
+                e = Entry(t, None, "new", "none", None, BENIGN_NEW.get(suffix, "no source tensor matches"))
+            entries.append(e)
+        unused = []
+        for k in self.src:
+            if k in self.used:
+                continue
+            unused.append({"key": k, "why": self.why_unused.get(k, "no target tensor matches its name or structure")})
+        report = Report(source=self.source.path, target=type(self.model).__name__, entries=entries,
+                        unused_source=unused, target_numel=self.tgt_numel)
+        if report.loaded_fraction < LOW_OVERLAP:
+            report.warnings.append(
+                f"only {report.loaded_fraction:.1%} of the target's values come from {self.source.path}: is this the "
+                "right checkpoint for this model?")
+        return report
+
+
+def _join(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
+
+
+def plan(source: Source | str | os.PathLike[str], model: nn.Module, *, rules: Any = None,
+         source_classes: Sequence[str] | None = None, target_classes: Sequence[str] | None = None) -> Report:
+    """Decide, without touching any values, which source tensor(s) each target tensor takes."""
+    src = source if isinstance(source, Source) else load(source)
+    planner = _Planner(src, model, load_rules(rules), source_classes, target_classes)
+    planner.drops()
+    planner.merges_and_splits()
+    planner.renames()
+    planner.exact()
+    planner.prefixes()
+    planner.structure()
+    planner.adapters()
+    return planner.finish()
+
+
+# ---- applying ---------------------------------------------------------------------------------------------
+
+
+def _value(entry: Entry, source: Source, current: torch.Tensor, planner_info: dict[str, Any]) -> torch.Tensor:
+    if entry.method == "rule:merge":
+        return torch.cat([source[s] for s in entry.source], dim=entry.dim or 0)
+    tensor = source[entry.source]
+    if entry.method == "rule:split":
+        n = planner_info["split_counts"][entry.source]
+        return torch.chunk(tensor, n, dim=entry.dim or 0)[entry.part or 0]
+    if entry.status == "loaded":
+        return tensor
+    name = entry.adapter
+    if name == "input_channels":
+        return adapt.adapt_input_channels(tensor, current.shape[1])
+    if name == "classifier_rows":
+        value, _ = adapt.adapt_classifier_rows(tensor, planner_info["source_classes"],
+                                               planner_info["target_classes"], current.detach())
+        return value
+    if name == "embedding_resize":
+        return adapt.resize_embedding(tensor, current.shape[0], current.detach())
+    if name == "pos_embed_resize":
+        prefix = planner_info["num_prefix_tokens"]
+        return adapt.resize_pos_embed(tensor, current.shape[1], num_prefix_tokens=prefix)
+    raise GraftError(f"{entry.target}: unknown adapter {name!r}; expected one of {sorted(adapt.ADAPTERS)}.")
+
+
+def apply(report: Report, source: Source, model: nn.Module, *, source_classes: Sequence[str] | None = None,
+          target_classes: Sequence[str] | None = None) -> None:
+    """Place every loaded or adapted tensor of `report` into `model`, in place.
+
+    A model on the meta device gets the source tensors assigned (no second copy); its modules that keep new
+    tensors are materialised on the CPU and initialised with their own `reset_parameters`.
+    """
+    state = model.state_dict(keep_vars=True)
+    split_counts: dict[str, int] = {}
+    for e in report.entries:
+        if e.method == "rule:split" and isinstance(e.source, str):
+            split_counts[e.source] = split_counts.get(e.source, 0) + 1
+    info = {"split_counts": split_counts, "source_classes": source_classes, "target_classes": target_classes,
+            "num_prefix_tokens": getattr(model, "num_prefix_tokens", 1)}
+    meta = any(t.is_meta for t in state.values())
+    if meta:
+        _materialise_new(model, report)
+        state = model.state_dict(keep_vars=True)
+    values: dict[str, torch.Tensor] = {}
+    for e in report.entries:
+        if e.status == "new":
+            continue
+        current = state[e.target]
+        value = _value(e, source, current, info)
+        if tuple(value.shape) != tuple(current.shape):
+            raise GraftError(f"{e.target}: the plan gives shape {list(value.shape)} but the model has "
+                             f"{list(current.shape)}; the plan does not fit this model. Re-run `graft plan`.")
+        values[e.target] = value.to(dtype=current.dtype)
+    if meta:
+        model.load_state_dict(values, strict=False, assign=True)
+        return
+    with torch.no_grad():
+        for key, value in values.items():
+            state[key].copy_(value)
+
+
+def _materialise_new(model: nn.Module, report: Report) -> None:
+    """Give real storage (and initial values) to the meta tensors that the plan leaves new."""
+    new = {e.target for e in report.entries if e.status == "new"}
+    for name, module in model.named_modules():
+        own = [n for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+               if t is not None and t.is_meta]
+        if not any(_join(name, n) in new for n in own):
+            continue
+        module.to_empty(device="cpu", recurse=False)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        elif hasattr(module, "_reset_parameters"):
+            module._reset_parameters()
+        else:
+            for n in own:
+                t = getattr(module, n)
+                with torch.no_grad():
+                    t.zero_()
+
+
+def transfer(source: Source | str | os.PathLike[str], model: nn.Module, *, rules: Any = None, strict: bool = False,
+             allow_new: Sequence[str] = (), source_classes: Sequence[str] | None = None,
+             target_classes: Sequence[str] | None = None) -> Report:
+    """Load what fits from `source` into `model`, in place (like `load_state_dict`), and return the Report.
+
+    Args:
+        source: a checkpoint path or a `Source` from `torchgraft.load`.
+        model: the target model; may be on the meta device.
+        rules: rename/drop/merge/split rules (a dict, a YAML/JSON path, or `Rules`).
+        strict: raise (before changing the model) unless every target tensor is loaded or adapted; benign
+            buffers such as `num_batches_tracked` and `allow_new` globs are exempt.
+        source_classes, target_classes: class names; when both are known, a classifier with another class
+            count keeps the rows of the classes the two share.
+    """
+    src = source if isinstance(source, Source) else load(source)
+    report = plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes)
+    if strict:
+        report.check_strict(allow_new)
+    apply(report, src, model, source_classes=source_classes, target_classes=target_classes)
+    for w in report.warnings:
+        log.warning(w)
+    return report

@@ -1,0 +1,181 @@
+"""Functional checks: run the source model and the target model on the same input and compare what they compute.
+
+After a transfer, equal weights are not enough: a hand-written block that puts the stride on another conv, or a
+missing activation, computes something else with the same tensors. `verify` hooks every pair of modules the
+report matched, runs both models in eval mode on one input, and names the first pair whose activations differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchgraft.errors import GraftError
+
+__all__ = ["Verification", "verify", "module_pairs", "example_input"]
+
+
+@dataclass
+class Divergence:
+    target_module: str
+    source_module: str
+    max_abs_diff: float
+    note: str = ""
+
+
+@dataclass
+class Verification:
+    """What `verify` found: how many module pairs agreed, the first that did not, and the outputs."""
+
+    compared: int
+    agreed: int
+    first_divergence: Divergence | None
+    output_max_abs_diff: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_divergence is None and self.compared > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"ok": self.ok}
+
+    def summary(self) -> str:
+        head = f"{self.agreed}/{self.compared} matched modules agree"
+        if self.output_max_abs_diff is not None:
+            head += f"; outputs differ by at most {self.output_max_abs_diff:.3g}"
+        if self.first_divergence is not None:
+            d = self.first_divergence
+            head += (f"; first divergence at {d.target_module} (source {d.source_module}): max |diff| "
+                     f"{d.max_abs_diff:.3g}{' — ' + d.note if d.note else ''}")
+        return head
+
+
+def module_pairs(report: Any) -> dict[str, str]:
+    """target module -> source module, for modules whose tensors all came from one source module."""
+    pairs: dict[str, set[str]] = {}
+    for e in report.entries:
+        if e.status != "loaded" or not isinstance(e.source, str):
+            continue
+        t_mod, s_mod = e.target.rpartition(".")[0], e.source.rpartition(".")[0]
+        pairs.setdefault(t_mod, set()).add(s_mod)
+    return {t: next(iter(s)) for t, s in pairs.items() if len(s) == 1}
+
+
+def example_input(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A random image batch shaped for `model`: timm's pretrained_cfg input size, else the first conv's channels."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    if size is None:
+        channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+        if channels is None:
+            raise GraftError("verify needs an example input for a model without convolutions; pass `inputs=`.")
+        size = (channels, 224, 224)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *size, generator=generator)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    for attr in ("last_hidden_state", "logits"):
+        if hasattr(value, attr):
+            return getattr(value, attr)
+    return None
+
+
+def _record(model: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], list[str], list[Any]]:
+    outputs: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    handles = []
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            continue
+
+        def hook(_m, _inp, out, name=name):
+            t = _first_tensor(out)
+            if t is not None and name not in outputs:
+                outputs[name] = t.detach().float().clone()
+                order.append(name)
+
+        handles.append(module.register_forward_hook(hook))
+    return outputs, order, handles
+
+
+def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs: Any = None, *,
+           atol: float = 1e-4, rtol: float = 1e-4) -> Verification:
+    """Run both models on `inputs` (default: `example_input(target_model)`) and compare matched activations.
+
+    The first divergence is the earliest target module, in execution order, whose output differs from its
+    source module's by more than `atol + rtol * |source|`. Models are put in eval mode and restored after.
+    """
+    pairs = module_pairs(report)
+    notes: list[str] = []
+    src_modules, tgt_modules = dict(source_model.named_modules()), dict(target_model.named_modules())
+    # A module that fuses more work (timm's BatchNormAct2d = norm + activation) computes something else by design.
+    differ = {t: s for t, s in pairs.items()
+              if t in tgt_modules and s in src_modules and type(tgt_modules[t]) is not type(src_modules[s])}
+    if differ:
+        t, s = next(iter(differ.items()))
+        notes.append(f"{len(differ)} matched pairs have different module types and were not compared (e.g. "
+                     f"{type(tgt_modules[t]).__name__} vs {type(src_modules[s]).__name__})")
+        pairs = {t: s for t, s in pairs.items() if t not in differ}
+    if not pairs:
+        raise GraftError("verify found no module whose tensors were loaded from one source module; nothing to "
+                         "compare. Check the transfer report first.")
+    if inputs is None:
+        inputs = example_input(target_model)
+    was = (source_model.training, target_model.training)
+    source_model.eval()
+    target_model.eval()
+    src_out, _, src_handles = _record(source_model, list(set(pairs.values())))
+    tgt_out, tgt_order, tgt_handles = _record(target_model, list(pairs))
+    try:
+        with torch.no_grad():
+            args = inputs if isinstance(inputs, tuple) else (inputs,)
+            y_src = _first_tensor(source_model(*args))
+            y_tgt = _first_tensor(target_model(*args))
+    except RuntimeError as exc:
+        raise GraftError(f"verify could not run both models on the same input ({str(exc).splitlines()[0]}); "
+                         "pass an input that fits both.") from None
+    finally:
+        for h in src_handles + tgt_handles:
+            h.remove()
+        source_model.train(was[0])
+        target_model.train(was[1])
+    compared = agreed = 0
+    first: Divergence | None = None
+    for t_name in tgt_order:
+        s_name = pairs[t_name]
+        if s_name not in src_out:
+            continue
+        a, b = tgt_out[t_name], src_out[s_name]
+        compared += 1
+        if a.shape != b.shape:
+            if first is None:
+                first = Divergence(t_name, s_name, float("inf"), f"shapes {list(b.shape)} -> {list(a.shape)}")
+            continue
+        diff = (a - b).abs()
+        if bool((diff <= atol + rtol * b.abs()).all()):
+            agreed += 1
+        elif first is None:
+            first = Divergence(t_name, s_name, float(diff.max()))
+    output_diff = None
+    if y_src is not None and y_tgt is not None and y_src.shape == y_tgt.shape:
+        output_diff = float((y_src.float() - y_tgt.float()).abs().max())
+    else:
+        notes.append("outputs have different shapes (a new head?); compared the matched modules only")
+    return Verification(compared, agreed, first, output_diff, notes)
