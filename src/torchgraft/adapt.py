@@ -124,6 +124,13 @@ def _unique_index(classes: list[str]) -> dict[str, int]:
     return index
 
 
+def count_shared_classes(source_classes: Sequence[str], target_classes: Sequence[str]) -> int:
+    """How many rows `adapt_classifier_rows` would copy: names on both sides, unambiguous on each."""
+    source = _unique_index(_check_class_list(source_classes, "source"))
+    target = _unique_index(_check_class_list(target_classes, "target"))
+    return len(source.keys() & target.keys())
+
+
 def adapt_classifier_rows(
     weight_or_bias: Tensor,
     source_classes: Sequence[str],

@@ -24,10 +24,11 @@ import torch
 import torch.nn as nn
 
 from torchgraft import adapt
+from torchgraft.classes import known_classes
 from torchgraft.errors import GraftError
 from torchgraft.io.read import Source, load
 from torchgraft.match.names import Rules, best_prefixes, load_rules, strip_prefix
-from torchgraft.match.structure import align, groups_from_keys, groups_from_model
+from torchgraft.match.structure import align, groups_from_keys, natural_order, tensor_pairs
 from torchgraft.summary import collapse_indices
 
 __all__ = ["Entry", "Report", "plan", "apply", "transfer", "BENIGN_NEW"]
@@ -253,39 +254,42 @@ class _Planner:
         targets = self._free_targets()
         if not free or not targets:
             return
-        kinds_src = None
-        if self.source.modules:
-            kinds_src = {k: v.rsplit(".", 1)[-1] for k, v in self.source.modules.items()}
-        src_groups = groups_from_keys(free, kinds_src)
-        target_set = set(targets)
-        tgt_groups = [g for g in groups_from_model(self.model)]
-        # keep only the target tensors that are still unmatched
-        trimmed = []
-        for g in tgt_groups:
-            keep = tuple((n, s) for n, s in g.tensors if _join(g.name, n) in target_set)
-            if keep and len(keep) == len(g.tensors):
-                trimmed.append(g)
-        for m in align(src_groups, trimmed):
-            tg = trimmed[m.target]
+        src_keys, tgt_keys = list(free), targets
+        order_lost = _string_sorted(list(self.src))
+        if order_lost:
+            # A file stored with keys sorted as strings (safetensors) has lost its module order: put both sides
+            # in the same canonical order so that `blocks.2` meets `blocks.2`, not `blocks.10`.
+            src_keys = natural_order(src_keys)
+            tgt_keys = natural_order(sorted(tgt_keys))
+        # Module classes are not compared: libraries name the same computation differently (BatchNorm2d in
+        # torchvision, BatchNormAct2d in timm); shapes and local tensor names decide.
+        src_groups = groups_from_keys({k: free[k] for k in src_keys})
+        tgt_groups = groups_from_keys({k: self.tgt[k] for k in tgt_keys})
+        for m in align(src_groups, tgt_groups):
+            tg = tgt_groups[m.target]
             if m.source is None:
                 if m.candidates:
-                    cands = ", ".join(src_groups[i].name for i in m.candidates[:4])
+                    cands = ", ".join(src_groups[i].name or "(root)" for i in m.candidates[:4])
+                    more = f" and {len(m.candidates) - 4} more" if len(m.candidates) > 4 else ""
                     for n, _ in tg.tensors:
                         self.entries[_join(tg.name, n)] = Entry(
                             _join(tg.name, n), None, "new", "none",
-                            note=f"ambiguous: fits source modules {cands}; add a rename rule to choose")
+                            note=f"ambiguous: fits source modules {cands}{more} equally well; add a rename rule "
+                                 "to choose")
                 continue
             sg = src_groups[m.source]
-            src_names = [n for n, _ in sg.tensors]
-            for n, shape in tg.tensors:
-                if n in src_names:
-                    s_name = n
-                else:  # same signature, other local names: pair by position
-                    s_name = src_names[[x for x, _ in tg.tensors].index(n)]
-                s_key, t_key = _join(sg.name, s_name), _join(tg.name, n)
-                if s_key in free and self.src[s_key] == self.tgt[t_key] and s_key not in self.used:
-                    self._take(t_key, s_key, "structure", note=f"module {sg.name or '(root)'} -> "
-                                                                  f"{tg.name or '(root)'} ({m.how})")
+            if order_lost and m.how != "unique-signature" and _local(sg.name) != _local(tg.name):
+                # Aligned by position in an order the file did not keep, under other names: not evidence enough.
+                for n, _ in tg.tensors:
+                    self.entries[_join(tg.name, n)] = Entry(
+                        _join(tg.name, n), None, "new", "none",
+                        note=f"might be source module {sg.name or '(root)'}, but the file stores keys sorted by "
+                             "name, so its module order is unknown; add a rename rule to load it")
+                continue
+            for s_name, t_name in tensor_pairs(sg, tg):
+                s_key, t_key = _join(sg.name, s_name), _join(tg.name, t_name)
+                self._take(t_key, s_key, "structure",
+                           note=f"module {sg.name or '(root)'} -> {tg.name or '(root)'} ({m.how})")
 
     def adapters(self) -> None:
         for target, source, method, note in self.mismatched:
@@ -309,8 +313,14 @@ class _Planner:
         if isinstance(module, nn.Linear) and same_rest and s[0] != t[0]:
             if self.source_classes and self.target_classes and len(self.source_classes) == s[0] \
                     and len(self.target_classes) == t[0]:
-                return Entry(target, source, "adapted", method, "classifier_rows",
-                             prefix + f"classifier {s[0]} -> {t[0]} classes: rows of shared class names copied")
+                shared = adapt.count_shared_classes(self.source_classes, self.target_classes)
+                if shared:
+                    return Entry(target, source, "adapted", method, "classifier_rows",
+                                 prefix + f"classifier {s[0]} -> {t[0]} classes: the rows of {shared} shared "
+                                          "class names copied, the rest new")
+                return Entry(target, None, "new", "none", None,
+                             prefix + f"classifier with {t[0]} outputs shares no class name with the source's "
+                                      f"{s[0]}; it starts new (source {source})")
             return Entry(target, None, "new", "none", None,
                          prefix + f"classifier with {t[0]} outputs; the source has {s[0]} and no class names on both "
                                   f"sides, so it starts new (source {source})")
@@ -346,6 +356,14 @@ class _Planner:
         return report
 
 
+def _local(module: str) -> str:
+    return module.rpartition(".")[2]
+
+
+def _string_sorted(keys: list[str]) -> bool:
+    return len(keys) > 1 and keys == sorted(keys)
+
+
 def _join(module: str, name: str) -> str:
     return f"{module}.{name}" if module else name
 
@@ -354,6 +372,8 @@ def plan(source: Source | str | os.PathLike[str], model: nn.Module, *, rules: An
          source_classes: Sequence[str] | None = None, target_classes: Sequence[str] | None = None) -> Report:
     """Decide, without touching any values, which source tensor(s) each target tensor takes."""
     src = source if isinstance(source, Source) else load(source)
+    if source_classes is None and target_classes is not None:
+        source_classes = known_classes(src.path)
     planner = _Planner(src, model, load_rules(rules), source_classes, target_classes)
     planner.drops()
     planner.merges_and_splits()
@@ -463,6 +483,8 @@ def transfer(source: Source | str | os.PathLike[str], model: nn.Module, *, rules
             count keeps the rows of the classes the two share.
     """
     src = source if isinstance(source, Source) else load(source)
+    if source_classes is None and target_classes is not None:
+        source_classes = known_classes(src.path)
     report = plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes)
     if strict:
         report.check_strict(allow_new)

@@ -251,3 +251,56 @@ def test_verify_matches_and_finds_a_moved_stride(mobilenet_source):
     assert not result.ok
     assert result.first_divergence.target_module == "layer2.0.conv1"
     assert result.agreed >= 5  # stem and layer1 agree before the divergence
+
+
+def test_classifier_rows_of_shared_imagenet_classes(mobilenet_v2_path, mobilenet_source):
+    """torchvision's metadata names the file's 1000 classes; rows of classes the target shares are copied."""
+    from torchgraft.classes import known_classes
+
+    imagenet = known_classes(mobilenet_v2_path)
+    assert imagenet is not None and len(imagenet) == 1000 and imagenet[1] == "goldfish"
+    model = torchvision.models.mobilenet_v2(num_classes=3)
+    report = transfer(mobilenet_v2_path, model, target_classes=["tabby", "goldfish", "my own class"])
+    entry = report.entry("classifier.1.weight")
+    assert entry.status == "adapted" and entry.adapter == "classifier_rows"
+    assert "the rows of 2 shared class names copied" in entry.note
+    w = model.classifier[1].weight.detach()
+    assert torch.equal(w[0], mobilenet_source["classifier.1.weight"][imagenet.index("tabby")])
+    assert torch.equal(w[1], mobilenet_source["classifier.1.weight"][1])
+    assert not torch.equal(w[2], mobilenet_source["classifier.1.weight"][2])
+
+
+def test_sorted_safetensors_with_other_names_never_guesses(tmp_path, mobilenet_v2_path):
+    """A safetensors file keeps keys sorted as strings, so module order is lost: under other names, only
+    order-free evidence (a shape found once on each side) may load a tensor — and every such tensor is right."""
+    from safetensors.torch import save_file
+
+    state = torch.load(mobilenet_v2_path, weights_only=True)
+    path = tmp_path / "mnv2.safetensors"
+    save_file(state, path)
+    truth = {e.target: e.source for e in plan(mobilenet_v2_path, timm.create_model("mobilenetv2_100")).entries}
+    report = plan(path, timm.create_model("mobilenetv2_100"))
+    loaded = report.by_status("loaded")
+    assert loaded, "unique shapes (stem, head) still load"
+    assert all(e.source == truth[e.target] for e in loaded)
+    assert report.entry("classifier.weight").source == "classifier.1.weight"
+    new = [e for e in report.by_status("new") if not e.benign]
+    assert any("sorted by name" in e.note for e in new)
+
+
+def test_sorted_safetensors_with_same_local_names_aligns(tmp_path):
+    """Renamed containers, same local module names (timm ViT blocks -> layers): order is restored and checked."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source_model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5).eval()
+    state = {k.replace("blocks.", "layers."): v.contiguous() for k, v in source_model.state_dict().items()}
+    path = tmp_path / "vit.safetensors"
+    save_file(state, path)
+    target = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5).eval()
+    report = transfer(path, target)
+    assert report.entry("blocks.2.attn.qkv.weight").source == "layers.2.attn.qkv.weight"
+    assert report.entry("blocks.10.mlp.fc2.bias").source == "layers.10.mlp.fc2.bias"
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source_model(x))

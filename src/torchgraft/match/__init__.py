@@ -1,0 +1,1 @@
+"""Matching a checkpoint's tensors to a target model's tensors."""

@@ -1,0 +1,528 @@
+"""Structure matching: pair a checkpoint's modules with a target model's modules when their names differ.
+
+A *group* is one module's own tensors (`Group`). Two groups are *compatible* when their signatures are equal:
+the same local tensor names, each with the same shape (BatchNorm buffers included; `num_batches_tracked` is
+optional because old files lack it), and the same module class when the class is known on both sides.
+`align(source, target)` pairs target groups with source groups and never guesses:
+
+1. **unique-signature**: a signature that occurs exactly once among the groups of each side is a match,
+   wherever the two groups sit (a head registered before the backbone still matches).
+2. The unique matches that keep both orders (the longest chain of them increasing in both) cut the two
+   sequences into regions; a region is aligned with gaps for inserted or removed modules, maximising the
+   number of compatible pairs:
+   - **aligned**: a pair that occurs in *every* optimal alignment (two identical signature sequences are
+     paired position by position);
+   - **aligned+names**: the pair occurs in every optimal alignment that also has the most alike module paths
+     (summed over its pairs: the longest common subsequence of the paths' tokens, split on `.`, `_` and
+     letter/digit boundaries, digits included), so every alternative for this group is strictly worse on names;
+   - **ambiguous**: the target group fits several sources equally well (or one source and no source at all);
+     `candidates` lists them and nothing is loaded.
+3. Groups with different signatures are never paired; anything left is **unmatched**.
+
+Each region's alignment is an exact dynamic programme restricted to the band of diagonals that optimal
+alignments can reach, so a long region that differs by a few modules costs O(length x differences). A region
+whose band would exceed `MAX_DP_CELLS` cells is not aligned: its groups are reported ambiguous with every
+compatible source of the region as candidates (or unmatched when there is none).
+
+Order matters: source order is the checkpoint's tensor order, target order is `named_modules` order. A
+safetensors file stores its keys sorted as strings (`blocks.10` before `blocks.2`, `bias` before `weight`), so
+its module order is lost; `natural_order` restores numeric order, and the target should then be put in the
+same canonical order (`groups_from_keys(natural_order(sorted(target_keys)))`) before aligning.
+
+Within a matched pair, load tensors by local name (`tensor_pairs`), not by position: the names are equal by
+construction, while their order is not (a sorted file stores `bias` before `weight`).
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "MAX_DP_CELLS",
+    "OPTIONAL_TENSORS",
+    "Group",
+    "GroupMatch",
+    "align",
+    "compatible",
+    "groups_from_keys",
+    "groups_from_model",
+    "natural_order",
+    "signature",
+    "tensor_pairs",
+]
+
+OPTIONAL_TENSORS = frozenset({"num_batches_tracked"})
+"""Local tensor names that may be missing on one side without making two groups incompatible."""
+
+MAX_DP_CELLS = 160_000
+"""Most dynamic-programming cells one region may use (a full 400 x 400 region); larger regions are reported
+ambiguous rather than aligned."""
+
+Signature = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One module's own tensors."""
+
+    name: str
+    """Module path: `"layer1.0.conv1"` (`""` for the root)."""
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    """(local tensor name, shape) in state_dict order, e.g. `(("weight", (64, 3, 7, 7)),)`."""
+    kind: str | None = None
+    """Module class name (`"Conv2d"`) when known, else None."""
+
+
+@dataclass
+class GroupMatch:
+    """What `align` decided for one target group."""
+
+    target: int
+    """Index into the target groups."""
+    source: int | None
+    """Index into the source groups when matched unambiguously, else None."""
+    candidates: list[int]
+    """When ambiguous: the source indices that fit equally well (`source` is None); empty otherwise. A single
+    candidate means that some optimal alignments give it and others leave the group unmatched."""
+    how: str
+    """"unique-signature" | "aligned" | "aligned+names" | "ambiguous" | "unmatched"."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# groups
+
+
+def groups_from_keys(shapes: Mapping[str, Sequence[int]], kinds: Mapping[str, str] | None = None) -> list[Group]:
+    """Group tensor keys by module path (everything before the last dot), in order of first occurrence.
+
+    `shapes` maps full tensor keys to shapes (tuples or `torch.Size`), in the file's or state_dict's order.
+    `kinds` maps module paths to class names when known (a model's `named_modules`, a whole-model pickle).
+    """
+    tensors: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for key, shape in shapes.items():
+        path, _, local = key.rpartition(".")
+        tensors.setdefault(path, []).append((local, tuple(int(d) for d in shape)))
+    kinds = kinds or {}
+    return [Group(path, tuple(own), kinds.get(path)) for path, own in tensors.items()]
+
+
+def groups_from_model(model: nn.Module) -> list[Group]:
+    """A model's groups in `named_modules` order: each module's own parameters and persistent buffers (its
+    state_dict keys), with `kind` = the module's class name; modules without tensors are skipped."""
+    shapes = {key: tuple(t.shape) for key, t in model.state_dict(keep_vars=True).items()}
+    kinds = {name: type(m).__name__ for name, m in model.named_modules(remove_duplicate=False)}
+    return groups_from_keys(shapes, kinds)
+
+
+def signature(group: Group) -> Signature:
+    """The group's local tensor names, each with its shape, sorted by name; optional tensors
+    (`num_batches_tracked`) are left out unless the group has nothing else."""
+    kept = [(n, s) for n, s in group.tensors if n not in OPTIONAL_TENSORS] or list(group.tensors)
+    return tuple(sorted(kept))
+
+
+def compatible(a: Group, b: Group) -> bool:
+    """Equal signatures, and equal kinds when both kinds are known."""
+    return signature(a) == signature(b) and (a.kind is None or b.kind is None or a.kind == b.kind)
+
+
+def tensor_pairs(source: Group, target: Group) -> list[tuple[str, str]]:
+    """(source local name, target local name) for each target tensor that has a source tensor, in target order.
+
+    Pairs by name: compatible groups have the same names. An optional tensor (`num_batches_tracked`) missing
+    from the source is left out, so the target keeps its own.
+    """
+    have = {n for n, _ in source.tensors}
+    return [(n, n) for n, _ in target.tensors if n in have]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# key order
+
+
+_NUMBER = re.compile(r"[0-9]+")
+
+
+class _Node:
+    __slots__ = ("children", "key")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.key: str | None = None
+
+
+def _natural_key(name: str) -> tuple:
+    return tuple((0, int(p), p) if p.isdigit() else (1, 0, p) for p in re.split(r"([0-9]+)", name) if p)
+
+
+def _sibling_order(names: list[str]) -> list[str]:
+    numeric = [n for n in names if _NUMBER.fullmatch(n)]
+    if numeric:
+        block = sorted(numeric, key=lambda n: (int(n), n))
+        out: list[str] = []
+        for n in names:
+            if not _NUMBER.fullmatch(n):
+                out.append(n)
+            elif n == numeric[0]:
+                out.extend(block)
+        return out
+    if len(names) > 1 and names == sorted(names):  # string order: maybe from a string sort
+        patterns = {_NUMBER.sub("#", n) for n in names}
+        if len(patterns) == 1 and "#" in next(iter(patterns)):
+            return sorted(names, key=_natural_key)
+    return names
+
+
+def natural_order(keys: Iterable[str]) -> list[str]:
+    """Order dotted keys numerically where a string sort broke it (`blocks.2` before `blocks.10`).
+
+    Keys are read as a tree of dotted components. Among the children of one node, purely numeric components
+    are sorted as numbers and kept together at the place of the first of them; children that all share one
+    name pattern apart from their numbers and stand in string order (`stage1`, `stage10`, `stage2`) are sorted
+    naturally; any other children keep their first-occurrence order, so keys already in module order come back
+    unchanged. Each key is returned once.
+    """
+    root = _Node()
+    for key in keys:
+        node = root
+        for part in key.split("."):
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Node()
+            node = child
+        node.key = key
+    out: list[str] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node.key is not None:
+            out.append(node.key)
+        names = _sibling_order(list(node.children))
+        stack.extend(node.children[n] for n in reversed(names))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# alignment
+
+
+def align(source: Sequence[Group], target: Sequence[Group]) -> list[GroupMatch]:
+    """Pair target groups with source groups by structure; one `GroupMatch` per target group, in target order.
+
+    See the module docstring for the rules. Nothing is guessed: a target group gets a source only when every
+    optimal alignment (or, for "aligned+names", every optimal alignment that is also best on name similarity)
+    gives it that source.
+    """
+    ids: dict[Signature, int] = {}
+    ssig = [ids.setdefault(signature(g), len(ids)) for g in source]
+    tsig = [ids.setdefault(signature(g), len(ids)) for g in target]
+    ctx = _Context(source, target, ssig, tsig)
+
+    result: list[GroupMatch | None] = [None] * len(target)
+    used = bytearray(len(source))
+    anchors = _unique_pairs(ctx)
+    for t, s in anchors:
+        result[t] = GroupMatch(t, s, [], "unique-signature")
+        used[s] = 1
+
+    bounds = _increasing_chain(anchors) + [(len(target), len(source))]
+    prev_t = prev_s = -1
+    for bound_t, bound_s in bounds:
+        region_t = [t for t in range(prev_t + 1, bound_t) if result[t] is None]
+        region_s = [s for s in range(prev_s + 1, bound_s) if not used[s]]
+        if region_t:
+            for match in _align_region(ctx, region_s, region_t):
+                result[match.target] = match
+        prev_t, prev_s = bound_t, bound_s
+    return [m if m is not None else GroupMatch(t, None, [], "unmatched") for t, m in enumerate(result)]
+
+
+class _Context:
+    """Signature ids, kinds and (lazily) name tokens of both sides."""
+
+    def __init__(self, source: Sequence[Group], target: Sequence[Group], ssig: list[int], tsig: list[int]):
+        self.source, self.target = source, target
+        self.ssig, self.tsig = ssig, tsig
+        self.skind = [g.kind for g in source]
+        self.tkind = [g.kind for g in target]
+        self._tokens: dict[tuple[int, int], tuple[str, ...]] = {}
+
+    def compatible(self, s: int, t: int) -> bool:
+        if self.ssig[s] != self.tsig[t]:
+            return False
+        ks, kt = self.skind[s], self.tkind[t]
+        return ks is None or kt is None or ks == kt
+
+    def name_similarity(self, s: int, t: int) -> int:
+        return _lcs(self._tokens_of(0, s), self._tokens_of(1, t))
+
+    def _tokens_of(self, side: int, i: int) -> tuple[str, ...]:
+        tokens = self._tokens.get((side, i))
+        if tokens is None:
+            name = (self.source if side == 0 else self.target)[i].name
+            tokens = self._tokens[(side, i)] = _tokens(name)
+        return tokens
+
+
+_TOKEN = re.compile(r"[a-z]+|[0-9]+")
+
+
+def _tokens(path: str) -> tuple[str, ...]:
+    """`layers.3.blocks.4.conv2` -> ("layers", "3", "blocks", "4", "conv", "2")."""
+    return tuple(str(int(t)) if t.isdigit() else t for t in _TOKEN.findall(path.lower()))
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token sequences."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def _unique_pairs(ctx: _Context) -> list[tuple[int, int]]:
+    """(target, source) pairs where each is the only group of its side compatible with the other, by target."""
+    by_sig_s: dict[int, list[int]] = defaultdict(list)
+    by_sig_t: dict[int, list[int]] = defaultdict(list)
+    for s, sig in enumerate(ctx.ssig):
+        by_sig_s[sig].append(s)
+    for t, sig in enumerate(ctx.tsig):
+        by_sig_t[sig].append(t)
+    pairs = []
+    for sig, ts in by_sig_t.items():
+        ss = by_sig_s.get(sig)
+        if not ss:
+            continue
+        if len(ss) == 1 and len(ts) == 1:
+            if ctx.compatible(ss[0], ts[0]):
+                pairs.append((ts[0], ss[0]))
+            continue
+        # several groups share the shapes; known kinds on both sides may still single one pair out
+        s_kind: dict[str | None, list[int]] = defaultdict(list)
+        t_kind: dict[str | None, list[int]] = defaultdict(list)
+        for s in ss:
+            s_kind[ctx.skind[s]].append(s)
+        for t in ts:
+            t_kind[ctx.tkind[t]].append(t)
+        if len(s_kind) == 1 and None in s_kind or len(t_kind) == 1 and None in t_kind:
+            continue  # kinds unknown on one side: every group of the bucket fits every other
+        for t in ts:
+            kt = ctx.tkind[t]
+            fits = ss if kt is None else s_kind.get(kt, []) + s_kind.get(None, [])
+            if len(fits) != 1:
+                continue
+            s = fits[0]
+            ks = ctx.skind[s]
+            n_back = len(ts) if ks is None else len(t_kind.get(ks, [])) + len(t_kind.get(None, []))
+            if n_back == 1:
+                pairs.append((t, s))
+    pairs.sort()
+    return pairs
+
+
+def _increasing_chain(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The longest subsequence of `pairs` (sorted by target) whose sources increase too (patience sorting)."""
+    tails: list[int] = []  # source index ending the best chain of each length
+    tail_at: list[int] = []  # position in `pairs` of that chain end
+    back = [-1] * len(pairs)
+    for k, (_, s) in enumerate(pairs):
+        pos = bisect_left(tails, s)
+        back[k] = tail_at[pos - 1] if pos else -1
+        if pos == len(tails):
+            tails.append(s)
+            tail_at.append(k)
+        else:
+            tails[pos] = s
+            tail_at[pos] = k
+    chain = []
+    k = tail_at[-1] if tail_at else -1
+    while k >= 0:
+        chain.append(pairs[k])
+        k = back[k]
+    return chain[::-1]
+
+
+# region alignment ---------------------------------------------------------------------------------------------
+
+_NEG = -(1 << 62)
+Weight = Callable[[int, int], "int | None"]
+
+
+def _align_region(ctx: _Context, region_s: list[int], region_t: list[int]) -> list[GroupMatch]:
+    """Align the groups between two anchors; one GroupMatch per group of `region_t`."""
+    out: list[GroupMatch] = []
+    s_sigs = {ctx.ssig[s] for s in region_s}
+    t_sigs = {ctx.tsig[t] for t in region_t}
+    # groups with no same-signature partner in the region are skipped by every alignment
+    S = [s for s in region_s if ctx.ssig[s] in t_sigs]
+    T = []
+    for t in region_t:
+        if ctx.tsig[t] in s_sigs:
+            T.append(t)
+        else:
+            out.append(GroupMatch(t, None, [], "unmatched"))
+    if not T:
+        return out
+    n, m = len(S), len(T)
+    if n == m and all(ctx.compatible(s, t) for s, t in zip(S, T)):
+        out.extend(GroupMatch(t, s, [], "aligned") for s, t in zip(S, T))
+        return out
+
+    count_weight = _pair_weight(ctx, S, T)
+
+    # every alignment with L pairs stays within diagonals j - i in [-(n - L), m - L]; start from an upper
+    # bound on L (shared signatures), and widen once from the best score found inside that band
+    sig_count_s: dict[int, int] = defaultdict(int)
+    for s in S:
+        sig_count_s[ctx.ssig[s]] += 1
+    sig_count_t: dict[int, int] = defaultdict(int)
+    for t in T:
+        sig_count_t[ctx.tsig[t]] += 1
+    bound = sum(min(c, sig_count_t.get(sig, 0)) for sig, c in sig_count_s.items())
+    band = _band(n, m, bound)
+    if band is None:
+        return out + _fallback(ctx, S, T)
+    forward = _forward(n, m, *band, count_weight)
+    found = forward[n][m - n - band[0]]
+    if found < bound:
+        band = _band(n, m, found)
+        if band is None:
+            return out + _fallback(ctx, S, T)
+        forward = _forward(n, m, *band, count_weight)
+    options, skippable = _optimal_pairs(n, m, band, count_weight, forward)
+
+    unresolved = [j for j in range(m) if len(options[j]) > 1 or (options[j] and skippable[j])]
+    lex_options = lex_skippable = None
+    if unresolved:
+        # break ties by name similarity, among the alignments that are optimal by count
+        sims = {(i, j): ctx.name_similarity(S[i], T[j]) for j in range(m) for i in options[j]}
+        big = min(n, m) * max(sims.values(), default=0) + 1
+        weights = {pair: big + sim for pair, sim in sims.items()}
+
+        def lex_weight(i: int, j: int) -> int | None:
+            return weights.get((i, j))
+
+        lex_forward = _forward(n, m, *band, lex_weight)
+        lex_options, lex_skippable = _optimal_pairs(n, m, band, lex_weight, lex_forward)
+
+    for j, t in enumerate(T):
+        if len(options[j]) == 1 and not skippable[j]:
+            out.append(GroupMatch(t, S[options[j][0]], [], "aligned"))
+        elif not options[j]:
+            out.append(GroupMatch(t, None, [], "unmatched"))
+        else:
+            assert lex_options is not None and lex_skippable is not None
+            if len(lex_options[j]) == 1 and not lex_skippable[j]:
+                out.append(GroupMatch(t, S[lex_options[j][0]], [], "aligned+names"))
+            elif not lex_options[j]:
+                out.append(GroupMatch(t, None, [], "unmatched"))
+            else:
+                out.append(GroupMatch(t, None, sorted(S[i] for i in lex_options[j]), "ambiguous"))
+    return out
+
+
+def _pair_weight(ctx: _Context, S: list[int], T: list[int]) -> Weight:
+    """1 for compatible (S[i], T[j]), else None; compares plain ids when kinds are all known or all unknown."""
+    s_kinds = {ctx.skind[s] for s in S}
+    t_kinds = {ctx.tkind[t] for t in T}
+    if s_kinds == {None} or t_kinds == {None}:
+        a, b = [ctx.ssig[s] for s in S], [ctx.tsig[t] for t in T]
+    elif None not in s_kinds and None not in t_kinds:
+        a, b = [(ctx.ssig[s], ctx.skind[s]) for s in S], [(ctx.tsig[t], ctx.tkind[t]) for t in T]
+    else:
+        return lambda i, j: 1 if ctx.compatible(S[i], T[j]) else None
+    return lambda i, j: 1 if a[i] == b[j] else None
+
+
+def _band(n: int, m: int, pairs: int) -> tuple[int, int] | None:
+    """Diagonals (lo, hi) holding every alignment with at least `pairs` pairs, or None when over budget."""
+    lo, hi = -(n - pairs), m - pairs
+    if lo == hi:  # a band one diagonal wide has no path when the sequences differ; two always do
+        hi += 1
+    lo, hi = max(lo, -n), min(hi, m)
+    if (n + 1) * (hi - lo + 1) > MAX_DP_CELLS:
+        return None
+    return lo, hi
+
+
+def _forward(n: int, m: int, lo: int, hi: int, weight: Weight) -> list[list[int]]:
+    """Best score of aligning S[:i] with T[:j], for the cells with lo <= j - i <= hi, stored at [i][j - i - lo].
+
+    Moves: skip a source, skip a target, or pair S[i-1] with T[j-1] when `weight` gives a score.
+    """
+    width = hi - lo + 1
+    rows: list[list[int]] = []
+    prev: list[int] | None = None
+    for i in range(n + 1):
+        row = [_NEG] * width
+        first, last = max(0, -i - lo), min(width - 1, m - i - lo)
+        for x in range(first, last + 1):
+            j = i + lo + x
+            best = 0 if i == 0 and j == 0 else _NEG
+            if x > 0 and row[x - 1] > best:
+                best = row[x - 1]
+            if prev is not None:
+                if x + 1 < width and prev[x + 1] > best:
+                    best = prev[x + 1]
+                if j > 0:
+                    w = weight(i - 1, j - 1)
+                    if w is not None and prev[x] + w > best:
+                        best = prev[x] + w
+            row[x] = best
+        rows.append(row)
+        prev = row
+    return rows
+
+
+def _optimal_pairs(
+    n: int, m: int, band: tuple[int, int], weight: Weight, forward: list[list[int]]
+) -> tuple[list[list[int]], list[bool]]:
+    """For each target j: the sources it is paired with in some optimal alignment, and whether some optimal
+    alignment leaves it unpaired."""
+    lo, hi = band
+    width = hi - lo + 1
+    # best score of the suffixes S[i:], T[j:] = forward pass over the reversed sequences
+    rev = _forward(n, m, m - n - hi, m - n - lo, lambda i, j: weight(n - 1 - i, m - 1 - j))
+    best = forward[n][m - n - lo]
+    options: list[list[int]] = [[] for _ in range(m)]
+    skippable = [False] * m
+    for i in range(n + 1):
+        row = forward[i]
+        rev_here = rev[n - i]
+        rev_next = rev[n - i - 1] if i < n else None
+        first, last = max(0, -i - lo), min(width - 1, m - i - lo)
+        for x in range(first, last + 1):
+            f = row[x]
+            if f < 0:
+                continue
+            j = i + lo + x
+            if j == m:
+                continue
+            if x + 1 < width and f + rev_here[width - 2 - x] == best:
+                skippable[j] = True
+            if rev_next is not None:
+                w = weight(i, j)
+                if w is not None and f + w + rev_next[width - 1 - x] == best:
+                    options[j].append(i)
+    return options, skippable
+
+
+def _fallback(ctx: _Context, S: list[int], T: list[int]) -> list[GroupMatch]:
+    """A region too large to align: every target group that has compatible sources is ambiguous."""
+    by_sig: dict[int, list[int]] = defaultdict(list)
+    for s in S:
+        by_sig[ctx.ssig[s]].append(s)
+    out = []
+    for t in T:
+        fits = [s for s in by_sig.get(ctx.tsig[t], []) if ctx.compatible(s, t)]
+        out.append(GroupMatch(t, None, fits, "ambiguous") if fits else GroupMatch(t, None, [], "unmatched"))
+    return out
