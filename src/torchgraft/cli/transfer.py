@@ -127,6 +127,10 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
     src = load(source, key=key, verify_hash=not no_verify)
     target = build_model(model, model_kwargs)
     s_classes, t_classes = _classes(source_classes), _classes(target_classes)
+    if s_classes is None and t_classes is not None:
+        from torchgraft.classes import known_classes
+
+        s_classes = known_classes(src.path)
     if plan is not None:
         result = _read_plan(plan, src.path, target)
     else:
