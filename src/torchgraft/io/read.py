@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
                    "pytorch_model.bin.index.json")
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 _ZIP_MAGIC = b"PK\x03\x04"
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -154,23 +156,28 @@ def _check_hash_in_name(p: Path) -> None:
 
 
 def _load_torch_zip(p: Path, key: str | None) -> Source:
+    scripted: Any = None
+    is_script = False
     try:
-        zf = zipfile.ZipFile(p)
-        names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        with zipfile.ZipFile(p) as zf:
+            names = zf.namelist()
+            if not any(n.endswith("/data.pkl") for n in names):
+                raise CheckpointError(f"{p}: a zip file without data.pkl; expected a torch checkpoint (torch.save).")
+            bad = zf.testzip()
+            if bad is not None:
+                raise CheckpointError(f"{p}: member {bad} fails its CRC check; the file is corrupt. Re-download it.")
+            if any(n.endswith("/constants.pkl") for n in names):
+                is_script = True
+                scripted = unpickle_zip(str(p), zf)
+    except CheckpointError:
+        raise
+    except _ZIP_ERRORS as exc:  # a damaged local header, directory entry or member (zipfile raises all of these)
         raise CheckpointError(
-            f"{p}: the zip archive is corrupt or truncated ({exc}); expected a torch checkpoint. Re-download or "
-            "re-save it."
+            f"{p}: the zip archive is corrupt or truncated ({type(exc).__name__}: {_first_line(exc)}); expected a "
+            "torch checkpoint. Re-download or re-save it."
         ) from None
-    with zf:
-        if not any(n.endswith("/data.pkl") for n in names):
-            raise CheckpointError(f"{p}: a zip file without data.pkl; expected a torch checkpoint (torch.save).")
-        if any(n.endswith("/constants.pkl") for n in names):
-            obj = unpickle_zip(str(p), zf)
-            return _from_object(p, "torchscript", obj, key, metadata={"torchscript": True})
-        bad = zf.testzip()
-        if bad is not None:
-            raise CheckpointError(f"{p}: member {bad} fails its CRC check; the file is corrupt. Re-download it.")
+    if is_script:
+        return _from_object(p, "torchscript", scripted, key, metadata={"torchscript": True})
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
@@ -252,7 +259,7 @@ def _describe(value: Any) -> Any:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if isinstance(value, torch.Tensor):
-        return f"tensor{list(value.shape)}" if value.numel() != 1 else value.item()
+        return f"tensor{list(value.shape)}" if value.numel() != 1 or value.is_meta else value.item()
     if isinstance(value, Placeholder):
         return f"<{value.class_name}>"
     if isinstance(value, Mapping):
@@ -299,15 +306,21 @@ def _from_object(p: Path, fmt: str, obj: Any, key: str | None, metadata: dict[st
         obj = obj[chosen]
     if _is_module(obj) or (fmt == "torchscript" and isinstance(obj, Placeholder)):
         root_class = obj.class_name
-        tensors, modules = _module_state(obj)
+        try:
+            tensors, modules = _module_state(obj)
+        except (TypeError, AttributeError, ValueError) as exc:  # names or attribute dicts a damaged pickle garbled
+            raise CheckpointError(
+                f"{p}: the pickled `{root_class}` is malformed ({type(exc).__name__}: {_first_line(exc)}); the file "
+                "is corrupt. Re-download or re-save it."
+            ) from None
         steps.append(f"whole model <{root_class}>" if fmt != "torchscript" else f"scripted <{root_class}>")
     elif isinstance(obj, torch.Tensor):
         raise CheckpointError(f"{p}: the file holds a single tensor, not named weights; expected a state_dict.")
     elif _is_tensor_dict(obj):
         tensors = dict(obj)
     elif isinstance(obj, Mapping):
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        dropped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        dropped = [str(k) for k in obj if k not in tensors]
         if not tensors:
             raise CheckpointError(f"{p}: the weights entry holds no tensors; expected a state_dict.")
         metadata["non_tensor_entries"] = dropped[:20]
@@ -348,7 +361,8 @@ def strip_wrapper_prefixes(tensors: dict[str, Any]) -> tuple[dict[str, Any], lis
 
 
 def _looks_like_safetensors(head: bytes, p: Path) -> bool:
-    if len(head) < 9:
+    if len(head) < 9 or (p.suffix == ".safetensors" and head[:1] != b"\x80"):
+        # by name: a truncated or damaged .safetensors gets the safetensors reader's precise error
         return p.suffix == ".safetensors"
     n = int.from_bytes(head[:8], "little")
     return head[8:9] == b"{" and 2 <= n <= p.stat().st_size - 8
@@ -374,8 +388,14 @@ def _read_safetensors_header(p: Path) -> dict[str, Any]:
     data_size = size - 8 - n
     for name, entry in header.items():
         if name == "__metadata__":
+            if not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
+                raise CheckpointError(
+                    f"{p}: safetensors __metadata__ is {str(entry)[:80]}, expected a map of strings; the file is "
+                    "corrupt."
+                )
             continue
         ok = (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in entry["shape"])
               and isinstance(entry.get("dtype"), str) and isinstance(entry.get("data_offsets"), list)
               and len(entry["data_offsets"]) == 2)
         if ok:
@@ -424,15 +444,21 @@ class _SafetensorsTensors(Mapping[str, torch.Tensor]):
 
 
 def _safetensors_info(p: Path, header: dict[str, Any]) -> dict[str, TensorInfo]:
-    entries = sorted(
-        ((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0]
-    )
+    # Keys in string order, as safetensors itself lists them: the writer's module order is not stored.
+    entries = sorted((k, v) for k, v in header.items() if k != "__metadata__")
     info = {}
     for name, entry in entries:
         dtype = _ST_DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{p}: tensor {name!r} has unknown dtype {entry['dtype']!r}.")
-        info[name] = TensorInfo(tuple(int(d) for d in entry["shape"]), dtype)
+        tensor_info = TensorInfo(tuple(int(d) for d in entry["shape"]), dtype)
+        start, end = entry["data_offsets"]
+        if tensor_info.numel * torch.empty((), dtype=getattr(torch, dtype)).element_size() != end - start:
+            raise CheckpointError(
+                f"{p}: tensor {name!r} has shape {list(tensor_info.shape)} of {dtype} but {end - start} bytes of "
+                "data; the file is corrupt."
+            )
+        info[name] = tensor_info
     return info
 
 

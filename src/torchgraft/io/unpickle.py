@@ -13,9 +13,11 @@ TorchScript archives without compiling their code, and old (pre-1.6) files, all 
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
+import re
 import struct
 import warnings
 import zipfile
@@ -28,6 +30,7 @@ from torchgraft.errors import CheckpointError, UnsafePickleError
 __all__ = ["Placeholder", "unpickle_zip", "unpickle_legacy"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_TORCH_MANGLE = re.compile(r"\.___torch_mangle_\d+(?=\.|$)")
 _MAX_PICKLES_BEFORE_DATA = 3  # legacy files: magic number, protocol version, system info
 
 
@@ -175,11 +178,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file: IO[bytes], persistent_load: Callable[[Any], Any]) -> None:
         super().__init__(file, encoding="latin1")
         self._persistent = persistent_load
+        # Like pickle's fix_imports: protocols 0-2 (torch.save uses 2) name builtins `__builtin__.*`,
+        # subprocess `commands.*`, copyreg `copy_reg.*`; read them as the Python 3 names they stand for.
+        self._py2_names = _protocol(file) < 3
 
     def persistent_load(self, pid: Any) -> Any:
         return self._persistent(pid)
 
     def find_class(self, module: str, name: str) -> Any:
+        if self._py2_names:
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         global_name = f"{module}.{name}"
         if global_name in _SAFE:
             return _SAFE[global_name]
@@ -189,12 +200,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 return value
             if name.endswith("Storage") and isinstance(value, type):
                 return value  # only its dtype is read, in persistent_load
-        if module.startswith("__torch__."):  # TorchScript class names
-            global_name = module[len("__torch__.") :] + "." + name
+        if module.startswith("__torch__."):  # TorchScript class names, without the `___torch_mangle_N` parts
+            global_name = _TORCH_MANGLE.sub("", module[len("__torch__.") :]) + "." + name
         return _placeholder_class(global_name)
 
 
-def _storage_dtype(storage_type: Any) -> torch.dtype:
+def _protocol(file: IO[bytes]) -> int:
+    """The pickle protocol of the pickle starting at the file's position (0 when there is no PROTO opcode)."""
+    try:
+        pos = file.tell()
+        head = file.read(2)
+        file.seek(pos)
+    except (OSError, AttributeError, ValueError):
+        return 2
+    return head[1] if len(head) == 2 and head[0] == 0x80 else 0
+
+
+def _storage_dtype(path: str, storage_type: Any) -> torch.dtype:
     if storage_type is torch.UntypedStorage:
         return torch.uint8
     with warnings.catch_warnings():  # legacy storage classes warn that TypedStorage is deprecated
@@ -202,7 +224,7 @@ def _storage_dtype(storage_type: Any) -> torch.dtype:
         dtype = getattr(storage_type, "dtype", None)
     if isinstance(dtype, torch.dtype):
         return dtype
-    raise CheckpointError(f"storage type {storage_type!r} is not a torch storage")
+    raise CheckpointError(f"{path}: storage type {storage_type!r} is not a torch storage; the file is corrupt")
 
 
 def _typed_storage(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> torch.storage.TypedStorage:
@@ -245,7 +267,7 @@ def unpickle_zip(path: str, zf: zipfile.ZipFile, pickle_name: str = "data.pkl") 
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise CheckpointError(f"{path}: unknown persistent id {str(pid)[:80]}; expected a torch storage")
         _, storage_type, key, _location, _numel = pid[:5]
-        dtype = _storage_dtype(storage_type)
+        dtype = _storage_dtype(path, storage_type)
         if key not in storages:
             try:
                 data = zf.read(f"{root}/data/{key}")
@@ -280,7 +302,7 @@ def unpickle_legacy(path: str, f: IO[bytes]) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
             raise CheckpointError(f"{path}: unknown persistent id {str(pid)[:80]}; expected a torch storage")
         _, storage_type, key, _location, numel, view = pid
-        dtype = _storage_dtype(storage_type)
+        dtype = _storage_dtype(path, storage_type)
         pending.setdefault(key, (dtype, int(numel)))
         holder = _LazyStorage(key, dtype)
         if view is not None:
@@ -292,8 +314,9 @@ def unpickle_legacy(path: str, f: IO[bytes]) -> Any:
     keys = _run(path, _RestrictedUnpickler(f, _no_persistent(path, "storage keys")))
     if not isinstance(keys, list):
         raise CheckpointError(f"{path}: legacy storage key list is corrupt; expected a list of keys")
+    remaining = _bytes_left(f)
     for key in keys:
-        if key not in pending:
+        if not isinstance(key, (str, int)) or key not in pending:
             raise CheckpointError(f"{path}: legacy storage {key!r} is not referenced; the file is corrupt")
         dtype, _ = pending[key]
         header = f.read(8)
@@ -303,6 +326,11 @@ def unpickle_legacy(path: str, f: IO[bytes]) -> Any:
         nbytes = count * torch.empty((), dtype=dtype).element_size()
         if count < 0 or nbytes > (1 << 40):
             raise CheckpointError(f"{path}: storage {key!r} claims {count} elements; the file is corrupt")
+        if remaining is not None:
+            remaining -= 8
+            if nbytes > remaining:  # don't allocate what a corrupt count claims: the bytes aren't there
+                raise CheckpointError(f"{path}: the file ends inside storage {key!r}; it is truncated")
+            remaining -= nbytes
         data = f.read(nbytes)
         if len(data) != nbytes:
             raise CheckpointError(f"{path}: the file ends inside storage {key!r}; it is truncated")
@@ -311,6 +339,21 @@ def unpickle_legacy(path: str, f: IO[bytes]) -> Any:
             storage = _typed_storage(_byteswap(data, dtype), dtype)
         storages[key] = storage
     return _resolve_legacy(path, obj, storages)
+
+
+def _bytes_left(f: IO[bytes]) -> int | None:
+    try:
+        pos = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(pos)
+    except (OSError, AttributeError, ValueError):
+        return None
+    return end - pos
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:120] if text else ""
 
 
 def _no_persistent(path: str, what: str) -> Callable[[Any], Any]:
@@ -366,13 +409,19 @@ def _resolve_legacy(path: str, obj: Any, storages: dict[str, torch.storage.Typed
         base = storages.get(storage.key)
         if base is None:
             raise CheckpointError(f"{path}: storage {storage.key!r} has no data; the file is truncated")
-        if storage.view is not None:
-            _view_key, view_offset, view_size = storage.view
-            untyped = base.untyped_storage()
-            size_bytes = base.element_size()
-            part = untyped[view_offset * size_bytes : (view_offset + view_size) * size_bytes]
-            base = torch.storage.TypedStorage(wrap_storage=part, dtype=storage.dtype, _internal=True)
-        return torch._utils._rebuild_tensor(base, offset, size, stride).requires_grad_(requires_grad)
+        try:
+            if storage.view is not None:
+                _view_key, view_offset, view_size = storage.view
+                untyped = base.untyped_storage()
+                size_bytes = base.element_size()
+                part = untyped[view_offset * size_bytes : (view_offset + view_size) * size_bytes]
+                base = torch.storage.TypedStorage(wrap_storage=part, dtype=storage.dtype, _internal=True)
+            return torch._utils._rebuild_tensor(base, offset, size, stride).requires_grad_(requires_grad)
+        except Exception as exc:  # a corrupt view, offset, size, stride or requires_grad from the pickle
+            raise CheckpointError(
+                f"{path}: a tensor in storage {storage.key!r} does not fit its storage or is malformed "
+                f"({type(exc).__name__}: {_first_line(exc)}); the file is corrupt. Re-download or re-save it."
+            ) from None
 
     def walk(value: Any, depth: int = 0) -> Any:
         if depth > 200:
