@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -12,7 +13,8 @@ from torchgraft.io.read import Source, load
 from torchgraft.specs import build_model, is_model_spec
 from torchgraft.summary import source_from_model
 
-console = Console(highlight=False)
+# Piped output gets 120 columns rather than rich's 80, so report tables stay readable in logs.
+console = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
 
 
 def open_source(text: str, *, model_kwargs: str | None = None, verify: bool = True, key: str | None = None) -> Source:

