@@ -304,3 +304,99 @@ def test_sorted_safetensors_with_same_local_names_aligns(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(target(x), source_model(x))
+
+
+class _ConvBN(nn.Sequential):
+    def __init__(self, cin, cout, k, stride=1):
+        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class _Bottleneck(nn.Module):
+    """torchvision's Bottleneck (stride on the 3x3) with its own names, as seed 000 writes it by hand."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        self.bottleneck = nn.Sequential(_ConvBN(cin, width, 1), nn.ReLU(), _ConvBN(width, width, 3, stride),
+                                        nn.ReLU(), _ConvBN(width, width * 4, 1))
+        self.shortcut = _ConvBN(cin, width * 4, 1, stride) if stride != 1 or cin != width * 4 else nn.Identity()
+
+    def forward(self, x):
+        return torch.relu(self.bottleneck(x) + self.shortcut(x))
+
+
+class HandWrittenResNet50Detector(nn.Module):
+    def __init__(self, num_classes=20):
+        super().__init__()
+        self.pre = nn.Sequential(_ConvBN(3, 64, 7, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        layers, cin = [], 64
+        for width, depth, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for j in range(depth):
+                layers.append(_Bottleneck(cin, width, stride if j == 0 else 1))
+                cin = width * 4
+        self.body = nn.Sequential(*layers)
+        self.cls_head = nn.Conv2d(2048, num_classes, 1)  # a new head of its own
+
+    def forward(self, x):
+        return self.cls_head(self.body(self.pre(x)))
+
+
+def test_hand_written_resnet50_receives_torchvision_weights(tmp_path):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50().eval()
+    for m in reference.modules():  # non-trivial statistics, so a misplaced BN would show
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = save(reference.state_dict(), tmp_path / "resnet50.pth")
+    model = HandWrittenResNet50Detector().eval()
+    report = transfer(path, model)
+    assert {e.target for e in report.by_status("new")} == {"cls_head.weight", "cls_head.bias"}
+    assert report.entry("body.4.bottleneck.2.0.weight").source == "layer2.1.conv2.weight"
+    assert report.entry("body.3.shortcut.1.running_var").source == "layer2.0.downsample.1.running_var"
+    assert {u["key"] for u in report.unused_source} == {"fc.weight", "fc.bias"}
+    assert_honest(report, tg.load(path), model)
+    features = nn.Sequential(*list(reference.children())[:-2])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.body(model.pre(x)), features(x), atol=1e-4, rtol=1e-4)
+
+
+def test_position_embeddings_resized_for_another_image_size(tmp_path):
+    from torchgraft.adapt import resize_pos_embed
+
+    source_model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8)  # 4x4 grid
+    path = save(source_model.state_dict(), tmp_path / "vit.pth")
+    target = timm.create_model("vit_tiny_patch16_224", img_size=48, patch_size=8)  # 6x6 grid
+    report = transfer(path, target)
+    entry = report.entry("pos_embed")
+    assert entry.status == "adapted" and entry.adapter == "pos_embed_resize"
+    expected = resize_pos_embed(source_model.pos_embed.detach(), 37, num_prefix_tokens=1)
+    torch.testing.assert_close(target.pos_embed.detach(), expected)
+    torch.testing.assert_close(target.pos_embed.detach()[:, :1], source_model.pos_embed.detach()[:, :1])
+    assert report.counts()["new"] == 0
+
+
+def test_vocabulary_resized(minilm_dir):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig.from_pretrained(minilm_dir)
+    config.vocab_size += 5  # five added tokens
+    model = BertModel(config)
+    source = tg.load(minilm_dir)
+    report = transfer(source, model)
+    entry = report.entry("embeddings.word_embeddings.weight")
+    assert entry.status == "adapted" and entry.adapter == "embedding_resize"
+    old = source["embeddings.word_embeddings.weight"]
+    new = model.embeddings.word_embeddings.weight.detach()
+    assert torch.equal(new[: old.shape[0]], old)
+    assert new.shape[0] == old.shape[0] + 5
+
+
+def test_other_shape_changes_are_never_cropped(tmp_path):
+    path = save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    model = torchvision.models.resnet18()
+    model.layer1[0].conv2 = nn.Conv2d(64, 64, 5, padding=2, bias=False)  # a wider kernel
+    report = transfer(path, model)
+    entry = report.entry("layer1.0.conv2.weight")
+    assert entry.status == "new" and "not cropped" in entry.note
+    assert any(u["key"] == "layer1.0.conv2.weight" and "does not fit" in u["why"] for u in report.unused_source)
