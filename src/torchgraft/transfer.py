@@ -28,7 +28,7 @@ from torchgraft.classes import known_classes
 from torchgraft.errors import GraftError
 from torchgraft.io.read import Source, load
 from torchgraft.match.names import Rules, best_prefixes, load_rules, strip_prefix
-from torchgraft.match.structure import align, groups_from_keys, natural_order, tensor_pairs
+from torchgraft.match.structure import Group, align, groups_from_keys, natural_order, tensor_pairs
 from torchgraft.summary import collapse_indices
 
 __all__ = ["Entry", "Report", "plan", "apply", "transfer", "BENIGN_NEW"]
@@ -271,25 +271,24 @@ class _Planner:
                 if m.candidates:
                     cands = ", ".join(src_groups[i].name or "(root)" for i in m.candidates[:4])
                     more = f" and {len(m.candidates) - 4} more" if len(m.candidates) > 4 else ""
-                    for n, _ in tg.tensors:
-                        self.entries[_join(tg.name, n)] = Entry(
-                            _join(tg.name, n), None, "new", "none",
-                            note=f"ambiguous: fits source modules {cands}{more} equally well; add a rename rule "
-                                 "to choose")
+                    self._leave_new(tg, f"ambiguous: fits source modules {cands}{more} equally well; add a "
+                                        "rename rule to choose")
                 continue
             sg = src_groups[m.source]
             if order_lost and m.how != "unique-signature" and _local(sg.name) != _local(tg.name):
                 # Aligned by position in an order the file did not keep, under other names: not evidence enough.
-                for n, _ in tg.tensors:
-                    self.entries[_join(tg.name, n)] = Entry(
-                        _join(tg.name, n), None, "new", "none",
-                        note=f"might be source module {sg.name or '(root)'}, but the file stores keys sorted by "
-                             "name, so its module order is unknown; add a rename rule to load it")
+                self._leave_new(tg, f"might be source module {sg.name or '(root)'}, but the file stores keys "
+                                    "sorted by name, so its module order is unknown; add a rename rule to load it")
                 continue
             for s_name, t_name in tensor_pairs(sg, tg):
                 s_key, t_key = _join(sg.name, s_name), _join(tg.name, t_name)
                 self._take(t_key, s_key, "structure",
                            note=f"module {sg.name or '(root)'} -> {tg.name or '(root)'} ({m.how})")
+
+    def _leave_new(self, group: Group, note: str) -> None:
+        for n, _ in group.tensors:
+            key = _join(group.name, n)
+            self.entries[key] = Entry(key, None, "new", "none", note=note)
 
     def adapters(self) -> None:
         for target, source, method, note in self.mismatched:
