@@ -202,9 +202,65 @@ def test_hostile_pickle_refused_from_cli(tmp_path):
     assert not marker.exists()
 
 
-def test_demo_runs_offline():
-    proc = graft("demo")
+def test_demo_runs_offline(tmp_path):
+    proc = graft("demo", "--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "mobilenet_v2-b0353104.pth" in proc.stdout
     assert "same sequence of shapes" in proc.stdout
     assert "torchgraft_demo_tiny_net.TinyNet" in proc.stdout
+
+
+# ---- freezing flags ---------------------------------------------------------------------------------------
+
+
+def test_inspect_freeze_json_reports_trainable(capsys):
+    out = run_json(capsys, "inspect", "--model", "torchvision:resnet18", "--freeze", "layer[1-3]")
+    model = torchvision.models.resnet18()
+    frozen = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[0] in ("layer1", "layer2", "layer3"))
+    assert out["frozen_params"] == frozen
+    assert out["trainable"]["frozen"] == frozen and out["trainable"]["total"] == out["num_params"]
+    assert (out["trainable"]["norm_layers"], out["trainable"]["held_in_eval"]) == (20, 14)
+    rows = {r["name"]: r for r in out["trainable"]["modules"]}
+    assert rows["layer2"]["state"] == "frozen" and rows["layer4"]["state"] == "trainable"
+    assert next(p for p in out["parameters"] if p["key"] == "layer1.0.conv1.weight")["trainable"] is False
+
+
+def test_inspect_freeze_everything_then_unfreeze_with_train_bn(capsys):
+    out = run_json(capsys, "inspect", "--model", "torchvision:resnet18", "--freeze", "--unfreeze", "fc", "--train-bn")
+    trainable = {p["key"] for p in out["parameters"] if p["trainable"]}
+    assert {"fc.weight", "fc.bias", "bn1.weight", "layer4.1.bn2.bias", "layer2.0.downsample.1.weight"} <= trainable
+    assert not any("conv" in k for k in trainable)
+    assert out["trainable"]["held_in_eval"] == 0  # norm layers keep training with --train-bn
+    out = run_json(capsys, "inspect", "--model", "torchvision:resnet18")
+    assert out["trainable"]["frozen"] == 0 and out["trainable"]["held_in_eval"] == 0
+
+
+def test_inspect_freeze_table(capsys):
+    assert main(["inspect", "--model", "torchvision:mobilenet_v2", "--freeze", "features.*",
+                 "--unfreeze", "features.1[5-8]"]) == 0
+    text = capsys.readouterr().out
+    assert "BatchNorm held in eval 42 of 52" in text  # features.0: 1, features.1: 2, features.{2..14}: 3 each
+    assert "features.{0..14}" not in text  # features.0 is another type
+    assert "features.{1..14}  x14" in text and "features.{15..17}  x3" in text
+    assert "BN in eval" in text and "frozen" in text and "trainable" in text
+
+
+def test_inspect_freeze_errors_are_one_line():
+    assert_one_line_error(graft("inspect", "--model", "torchvision:resnet18", "--freeze", "layr4.*"),
+                          "freeze pattern 'layr4.*' matches no parameter or module; closest: layer4, layer4.0, "
+                          "layer4.1.", "Nothing was changed")
+    assert_one_line_error(graft("inspect", "--model", "torchvision:resnet18", "--unfreeze", "fc", "--train-bn"),
+                          "--train-bn", "needs --freeze")
+
+
+def test_inspect_freeze_flags_need_a_model(capsys, mobilenet_v2_path):
+    from torchgraft.errors import GraftError
+
+    with pytest.raises(GraftError, match=r"^--freeze, --unfreeze and --train-bn apply to a model, not a checkpoint"):
+        from torchgraft.cli import inspect as inspect_cmd
+
+        inspect_cmd.run(source=str(mobilenet_v2_path), model=None, model_kwargs=None, key=None, json=False,
+                        all=False, no_verify=False, freeze=["features.*"])
+    proc = graft("inspect", "--help")
+    assert "--freeze [PATTERN ...]" in proc.stdout and "--train-bn" in proc.stdout
+    assert "graft inspect --model torchvision:resnet18 --freeze 'layer[1-3]'" in proc.stdout

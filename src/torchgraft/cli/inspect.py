@@ -1,11 +1,14 @@
-"""`graft inspect`: what a checkpoint holds (tensors, format, wrapper, module classes) or what a model is made of."""
+"""`graft inspect`: what a checkpoint holds (tensors, format, wrapper, module classes) or what a model is made of,
+and what a freezing policy would leave trainable."""
 
 from __future__ import annotations
 
 from rich.table import Table
 
-from torchgraft.cli.common import console, human, print_json
+from torchgraft.cli.common import (add_freeze_arguments, apply_freeze_arguments, console, human, print_json,
+                                   render_trainable)
 from torchgraft.errors import GraftError
+from torchgraft.freeze import trainable_summary
 from torchgraft.io.read import Source, load
 from torchgraft.specs import build_model
 from torchgraft.summary import collapse_indices, describe_model, describe_source, group_by_prefix
@@ -13,7 +16,9 @@ from torchgraft.summary import collapse_indices, describe_model, describe_source
 DESCRIPTION = """Show what a checkpoint holds, or what a model is made of.
 
 Reads any checkpoint safely (no code from the file runs): torch zip and legacy files, whole-model pickles,
-TorchScript, safetensors (and shards), Hugging Face folders, training checkpoints.
+TorchScript, safetensors (and shards), Hugging Face folders, training checkpoints. With --model, --freeze and
+--unfreeze show what a freezing policy leaves trainable (patterns are globs over parameter and module names;
+BatchNorm layers whose parameters are all frozen stay in eval mode).
 
 Examples:
   graft inspect resnet50-0676ba61.pth
@@ -21,6 +26,8 @@ Examples:
   graft inspect last.ckpt --key ema
   graft inspect --model torchvision:resnet18
   graft inspect --model timm:vit_tiny_patch16_224 --model-kwargs '{"num_classes": 10}'
+  graft inspect --model torchvision:resnet18 --freeze 'layer[1-3]'
+  graft inspect --model torchvision:mobilenet_v2 --freeze --unfreeze 'features.1[5-8]' 'classifier.*' --train-bn
 """
 
 
@@ -35,19 +42,29 @@ def parser():
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--all", action="store_true", help="list every tensor instead of collapsing layer indices")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files named name-<hash>.pth")
+    add_freeze_arguments(p)
     return p
 
 
 def run(source: str | None, model: str | None, model_kwargs: str | None, key: str | None, json: bool,
-        all: bool, no_verify: bool) -> int:
+        all: bool, no_verify: bool, freeze: list[str] | None = None, unfreeze: list[str] | None = None,
+        train_bn: bool = False) -> int:
     if (source is None) == (model is None):
         raise GraftError("graft inspect takes a checkpoint path or --model SPEC (exactly one); "
                          "e.g. `graft inspect weights.pth` or `graft inspect --model torchvision:resnet18`.")
+    if source is not None and (freeze is not None or unfreeze is not None or train_bn):
+        raise GraftError("--freeze, --unfreeze and --train-bn apply to a model, not a checkpoint file (it has no "
+                         f"trainable flags); e.g. `graft inspect --model SPEC --freeze ...`. {source} was not read.")
     if model is not None:
         built = build_model(model, model_kwargs)
+        policy = apply_freeze_arguments(built, freeze=freeze, unfreeze=unfreeze, train_bn=train_bn)
         report = describe_model(built, model)
+        trainable = trainable_summary(built)
         if json:
-            print_json(report)
+            print_json({**report, "trainable": trainable.to_dict()})
+        elif policy:
+            _render_header(report)
+            render_trainable(trainable)
         else:
             _render_model(report)
         return 0
@@ -105,11 +122,15 @@ def _render_source(src: Source, every_tensor: bool) -> None:
         console.print(f"[yellow]also holds weights under {other}; choose them with --key[/]")
 
 
-def _render_model(report: dict) -> None:
+def _render_header(report: dict) -> None:
     console.print(f"[bold]{report['spec']}[/]  ({report['class']})")
     console.print(f"parameters [bold]{report['num_params']:,}[/]   trainable [green]{report['trainable_params']:,}[/]"
                   f"   frozen [blue]{report['frozen_params']:,}[/]   buffers {report['num_buffers']}   "
                   f"state_dict tensors {report['num_tensors']}")
+
+
+def _render_model(report: dict) -> None:
+    _render_header(report)
     table = Table(show_edge=False, pad_edge=False)
     for col, just in (("module", "left"), ("type", "left"), ("parameters", "right"), ("trainable", "right")):
         table.add_column(col, justify=just)
