@@ -20,7 +20,7 @@ class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter)
 
 
 def _subcommands() -> dict[str, tuple[Callable[[], ArgumentParser], Callable[..., int], str]]:
-    from torchgraft.cli import demo, diff, inspect, transfer
+    from torchgraft.cli import demo, diff, finetune, inspect, transfer
 
     return {
         "inspect": (inspect.parser, inspect.run, "show what a checkpoint or a model holds"),
@@ -28,6 +28,9 @@ def _subcommands() -> dict[str, tuple[Callable[[], ArgumentParser], Callable[...
         "plan": (transfer.plan_parser, transfer.run_plan, "propose which source tensor each model tensor takes"),
         "transfer": (transfer.transfer_parser, transfer.run_transfer,
                      "load what fits from a checkpoint into a model, with a per-tensor report"),
+        "finetune": (finetune.finetune_parser, finetune.run_finetune, "fine-tune a pretrained model on an image folder"),
+        "evaluate": (finetune.evaluate_parser, finetune.run_evaluate, "accuracy and confusion of a fine-tuned model"),
+        "predict": (finetune.predict_parser, finetune.run_predict, "top-k classes of images"),
         "demo": (demo.parser, demo.run, "a tour on torchvision's real MobileNetV2 weights, offline"),
     }
 

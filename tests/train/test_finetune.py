@@ -1,0 +1,161 @@
+"""`graft finetune`, `evaluate`, `predict` end to end on real digit scans with torchvision's real MobileNetV2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from torchgraft.cli import main
+from torchgraft.train.digits import write_digits
+
+FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits"), size=32, train_per_class=12, val_per_class=6)
+
+
+def finetune_args(mobilenet_v2_path, digits, out, *extra) -> list[str]:
+    return ["finetune", "--model", "torchvision:mobilenet_v2", "--weights", str(mobilenet_v2_path),
+            "--data", str(digits), "--out", str(out), *FAST, *extra]
+
+
+def graft(*args: str, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="160")
+    return subprocess.Popen([sys.executable, "-m", "torchgraft.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def test_finetune_writes_the_run_folder(capsys, tmp_path, mobilenet_v2_path, digits):
+    out = tmp_path / "run"
+    assert main(finetune_args(mobilenet_v2_path, digits, out, "--epochs", "2")) == 0
+    text = capsys.readouterr().out
+    assert "312 loaded" in text and "run summary" in text
+    for name in ("model.safetensors", "last.ckpt", "metrics.jsonl", "config.yaml", "classes.txt", "curves.png",
+                 "confusion.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["phase"] for r in rows] == ["head", "all"]
+    assert all({"epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"} <= set(r) for r in rows)
+    assert (out / "classes.txt").read_text().split() == [str(i) for i in range(10)]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["epochs"] == 2 and config["image_size"] == 32
+    state = load_file(out / "model.safetensors")
+    assert state["classifier.1.weight"].shape == (10, 1280)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_head_phase_keeps_backbone_and_bn_statistics(tmp_path, mobilenet_v2_path, digits, mobilenet_source=None):
+    """One epoch of the head phase: the frozen backbone, BatchNorm statistics included, is bit-identical."""
+    out = tmp_path / "run"
+    assert main(finetune_args(mobilenet_v2_path, digits, out, "--epochs", "1")) == 0
+    state = load_file(out / "model.safetensors")
+    source = torch.load(mobilenet_v2_path, weights_only=True)
+    for key in ("features.0.0.weight", "features.5.conv.1.1.running_mean", "features.18.1.running_var"):
+        assert torch.equal(state[key], source[key]), key
+    assert not torch.equal(state["classifier.1.weight"][:, :5], torch.zeros(10, 5))
+
+
+def test_linear_probe_uses_cached_features(capsys, tmp_path, mobilenet_v2_path, digits):
+    out = tmp_path / "probe"
+    assert main(finetune_args(mobilenet_v2_path, digits, out, "--epochs", "3", "--linear-probe")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["head"] * 3
+    assert rows[-1]["val_acc"] > 0.2  # 10 classes: better than chance after three epochs
+    source = torch.load(mobilenet_v2_path, weights_only=True)
+    state = load_file(out / "model.safetensors")
+    assert torch.equal(state["features.10.conv.0.1.running_var"], source["features.10.conv.0.1.running_var"])
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, mobilenet_v2_path, digits):
+    straight = tmp_path / "straight"
+    assert main(finetune_args(mobilenet_v2_path, digits, straight, "--epochs", "3", "--head-epochs", "1")) == 0
+    killed = tmp_path / "killed"
+    proc = graft(*finetune_args(mobilenet_v2_path, digits, killed, "--epochs", "3", "--head-epochs", "1"))
+    deadline = time.time() + 240
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert done in (2, 3)
+    resumed = graft("finetune", "--resume", str(killed))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    best_a = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
+    assert abs(rows[-1]["val_acc"] - best_a["val_acc"]) < 1e-9
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_and_predict(capsys, tmp_path, mobilenet_v2_path, digits):
+    out = tmp_path / "run"
+    assert main(finetune_args(mobilenet_v2_path, digits, out, "--epochs", "1")) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "torchvision:mobilenet_v2", "--weights", str(out / "model.safetensors"),
+                 "--data", str(digits), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"accuracy", "num_samples", "per_class", "confusion"}
+    assert result["num_samples"] == 60
+    assert sum(map(sum, result["confusion"])) == 60
+    assert set(result["per_class"]["3"]) == {"precision", "recall", "support"}
+    best = max(json.loads(line)["val_acc"] for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert abs(result["accuracy"] - best) < 1e-9
+    image = next((digits / "val" / "7").iterdir())
+    assert main(["predict", "--model", "torchvision:mobilenet_v2", "--weights", str(out / "model.safetensors"),
+                 str(image), "--topk", "3", "--json"]) == 0
+    predictions = json.loads(capsys.readouterr().out)
+    assert predictions[0]["image"] == str(image)
+    assert len(predictions[0]["top"]) == 3
+    probs = [p["probability"] for p in predictions[0]["top"]]
+    assert probs == sorted(probs, reverse=True) and all(p["class"] in [str(i) for i in range(10)]
+                                                        for p in predictions[0]["top"])
+
+
+def test_bad_input(capsys, tmp_path, mobilenet_v2_path, digits):
+    assert main(finetune_args(mobilenet_v2_path, tmp_path / "nothing", tmp_path / "o")) == 1
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["finetune", "--resume", str(tmp_path / "nope")]) == 1
+    assert "no config.yaml" in capsys.readouterr().err
+    assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "o", "--epochs", "0")) == 1
+    assert "`--epochs 0` must be at least 1" in capsys.readouterr().err
+    assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "o", "--unfreeze-at", "layer4")) == 1
+    assert "EPOCH:PATTERN" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_processes_with_torchrun(tmp_path, mobilenet_v2_path, digits):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli",
+                           *finetune_args(mobilenet_v2_path, digits, out, "--epochs", "2")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]  # written once, by rank 0
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]  # the two processes learn together
+    assert all(0 <= r["val_acc"] <= 1 for r in rows)
+    state = load_file(out / "model.safetensors")
+    assert not any(k.startswith("module.") for k in state)  # the unwrapped model, not the DDP wrapper
+    assert proc.stdout.count("run summary") == 1  # rank 0 reports
