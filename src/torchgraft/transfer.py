@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,12 +26,13 @@ import torch.nn as nn
 from torchgraft import adapt
 from torchgraft.classes import known_classes
 from torchgraft.errors import GraftError
+from torchgraft.io.pages import FileMaps
 from torchgraft.io.read import Source, load
 from torchgraft.match.names import Rules, best_prefixes, load_rules, strip_prefix
 from torchgraft.match.structure import Group, align, groups_from_keys, natural_order, tensor_pairs
 from torchgraft.summary import collapse_indices
 
-__all__ = ["Entry", "Report", "plan", "apply", "transfer", "BENIGN_NEW"]
+__all__ = ["Entry", "Report", "plan", "apply", "transfer", "meta_blockers", "BENIGN_NEW", "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -411,13 +412,54 @@ def _value(entry: Entry, source: Source, current: torch.Tensor, planner_info: di
     raise GraftError(f"{entry.target}: unknown adapter {name!r}; expected one of {sorted(adapt.ADAPTERS)}.")
 
 
+#: Adapters that build on the target's freshly initialised tensor (its rows for new classes or tokens).
+_ADAPTERS_ON_INIT = ("classifier_rows", "embedding_resize")
+#: The dtypes `dtype=` (and `graft transfer --dtype`) can name.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_policy(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise GraftError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}, or None to give "
+                         "each loaded tensor the dtype of the target tensor it goes into.")
+    return DTYPES[name]
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _note_cast(entry: Entry, before: torch.dtype | str, after: torch.dtype) -> None:
+    before, after_name = _dtype_name(before), _dtype_name(after)
+    if before == after_name:
+        return
+    cast = f"cast {before} -> {after_name}"
+    if cast not in entry.note:
+        entry.note = f"{entry.note}; {cast}" if entry.note else cast
+
+
 def apply(report: Report, source: Source, model: nn.Module, *, source_classes: Sequence[str] | None = None,
-          target_classes: Sequence[str] | None = None) -> None:
+          target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None,
+          progress: Callable[[int, int], None] | None = None, release_pages: bool = False) -> None:
     """Place every loaded or adapted tensor of `report` into `model`, in place.
 
-    A model on the meta device gets the source tensors assigned (no second copy); its modules that keep new
-    tensors are materialised on the CPU and initialised with their own `reset_parameters`.
+    A tensor of `model` on the meta device gets the source tensor itself (assigned, no copy: for a safetensors
+    or torch zip source, a view of the file's memory map), cast only when the dtypes differ; the modules whose
+    meta tensors stay new are materialised on the CPU and initialised with their own `reset_parameters` (the
+    tensors they share with loaded ones keep the loaded values). Any other tensor is copied into.
+
+    Args:
+        dtype: None gives each loaded tensor the dtype of the target tensor it goes into; "float32",
+            "float16" or "bfloat16" casts every floating tensor of the model to it. Each entry whose values
+            change dtype says so in its note ("cast float16 -> float32").
+        progress: called as `progress(bytes_placed, total_bytes)` after each tensor placed.
+        release_pages: after a memory-mapped source tensor has been cast or adapted (not assigned), hand its
+            pages back (`torchgraft.io.pages`): they are read from the file again if it is used again.
     """
+    policy = _dtype_policy(dtype)
     state = model.state_dict(keep_vars=True)
     split_counts: dict[str, int] = {}
     for e in report.entries:
@@ -425,51 +467,194 @@ def apply(report: Report, source: Source, model: nn.Module, *, source_classes: S
             split_counts[e.source] = split_counts.get(e.source, 0) + 1
     info = {"split_counts": split_counts, "source_classes": source_classes, "target_classes": target_classes,
             "num_prefix_tokens": getattr(model, "num_prefix_tokens", 1)}
-    meta = any(t.is_meta for t in state.values())
-    if meta:
-        _materialise_new(model, report)
+    placed = [e for e in report.entries if e.status != "new"]
+    for e in placed:
+        if e.target not in state:
+            raise GraftError(f"{e.target}: the plan names a tensor the model does not have; the plan does not fit "
+                             "this model. Re-run `graft plan`.")
+    if any(t.is_meta for t in state.values()):
+        _materialise_new(model, report, state)
         state = model.state_dict(keep_vars=True)
-    values: dict[str, torch.Tensor] = {}
-    for e in report.entries:
-        if e.status == "new":
-            continue
+    owners = _owners(model)
+    releaser = FileMaps() if release_pages else None
+
+    def out_dtype(current: torch.Tensor) -> torch.dtype:
+        return policy if policy is not None and current.dtype.is_floating_point else current.dtype
+
+    total = sum(state[e.target].numel() * out_dtype(state[e.target]).itemsize for e in placed)
+    done = 0
+    assigned: dict[tuple[int, int], int] = {}  # (address, bytes) of values assigned -> id of the target tensor
+    for e in placed:
         current = state[e.target]
         value = _value(e, source, current, info)
         if tuple(value.shape) != tuple(current.shape):
             raise GraftError(f"{e.target}: the plan gives shape {list(value.shape)} but the model has "
                              f"{list(current.shape)}; the plan does not fit this model. Re-run `graft plan`.")
-        values[e.target] = value.to(dtype=current.dtype)
-    if meta:
-        model.load_state_dict(values, strict=False, assign=True)
-        return
-    with torch.no_grad():
-        for key, value in values.items():
-            state[key].copy_(value)
-
-
-def _materialise_new(model: nn.Module, report: Report) -> None:
-    """Give real storage (and initial values) to the meta tensors that the plan leaves new."""
-    new = {e.target for e in report.entries if e.status == "new"}
-    for name, module in model.named_modules():
-        own = [n for n, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-               if t is not None and t.is_meta]
-        if not any(_join(name, n) in new for n in own):
-            continue
-        module.to_empty(device="cpu", recurse=False)
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-        elif hasattr(module, "_reset_parameters"):
-            module._reset_parameters()
+        first = e.source if isinstance(e.source, str) else (e.source or [None])[0]
+        _note_cast(e, source.info[first].dtype if first in source.info else value.dtype, out_dtype(current))
+        cast = value.to(dtype=out_dtype(current))
+        if releaser and not (current.is_meta and cast is value and e.status == "loaded" and e.method != "rule:merge"):
+            for name in ([e.source] if isinstance(e.source, str) else e.source or []):
+                releaser.release(source[name])  # its bytes were copied: hand back the source's pages
+        if current.is_meta:
+            cast = cast.contiguous()
+            key = (cast.data_ptr(), cast.numel() * cast.element_size())
+            if cast.numel() and assigned.setdefault(key, id(current)) != id(current):
+                cast = cast.clone()  # two untied targets from one stored tensor: each gets its own memory
+            _assign(owners[id(current)], cast)
         else:
-            for n in own:
-                t = getattr(module, n)
-                with torch.no_grad():
-                    t.zero_()
+            with torch.no_grad():
+                current.copy_(cast)
+        done += current.numel() * out_dtype(current).itemsize
+        if progress is not None:
+            progress(done, total)
+    if policy is not None:
+        _cast_floating(model, report, state, policy)
+    if releaser is not None:
+        releaser.close()
+    if progress is not None and not placed:
+        progress(0, 0)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        report.warnings.append(
+            f"{len(still_meta)} tensors stay on the meta device ({', '.join(still_meta[:3])}"
+            f"{', ...' if len(still_meta) > 3 else ''}): they are not in the state_dict (non-persistent buffers "
+            "the model computes when it is built), so no checkpoint can fill them. Build the model on the CPU "
+            "instead of the meta device.")
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """Every place (module, name, is_parameter) that holds each tensor: tied weights are held in several."""
+    owners: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for module in model.modules():
+        for name, t in module._parameters.items():
+            if t is not None:
+                owners.setdefault(id(t), []).append((module, name, True))
+        for name, t in module._buffers.items():
+            if t is not None:
+                owners.setdefault(id(t), []).append((module, name, False))
+    return owners
+
+
+def _assign(places: list[tuple[nn.Module, str, bool]], value: torch.Tensor) -> torch.Tensor:
+    """Put `value` itself (no copy) where a tensor was held, everywhere it was held (ties are kept)."""
+    param = None
+    for module, name, is_param in places:
+        if is_param:
+            if param is None:
+                old = module._parameters[name]
+                param = value if isinstance(value, nn.Parameter) else nn.Parameter(
+                    value, requires_grad=bool(old is not None and old.requires_grad))
+            module._parameters[name] = param
+        else:
+            module._buffers[name] = value
+    return param if param is not None else value
+
+
+def _cast_floating(model: nn.Module, report: Report, before: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Cast every floating tensor of the model to `dtype` (ties kept); note it on the entries left new."""
+    for e in report.entries:
+        current = before[e.target]
+        if e.status == "new" and current.dtype.is_floating_point:
+            _note_cast(e, current.dtype, dtype)
+    model.to(dtype)
+
+
+def _initialiser(module: nn.Module) -> Callable[[], None] | None:
+    for name in ("reset_parameters", "_reset_parameters"):
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def _materialise_new(model: nn.Module, report: Report, state: dict[str, torch.Tensor]) -> None:
+    """Give storage and initial values to the meta tensors the plan leaves new (and to those an adapter builds on).
+
+    Only these tensors get memory; each module holding one runs its own `reset_parameters` while its loaded
+    tensors are still on the meta device, so it cannot overwrite them (they are assigned afterwards). A module
+    without `reset_parameters` leaves its new tensors at zero, and the entries say so.
+    """
+    loaded_ids = {id(state[e.target]) for e in report.entries if e.status != "new"}
+    needed = {id(state[e.target]) for e in report.entries
+              if state[e.target].is_meta and (e.adapter in _ADAPTERS_ON_INIT
+                                              or (e.status == "new" and id(state[e.target]) not in loaded_ids))}
+    if not needed:
+        return
+    keys_of: dict[int, list[Entry]] = {}
+    for e in report.entries:
+        keys_of.setdefault(id(state[e.target]), []).append(e)
+    fresh: dict[int, torch.Tensor] = {}  # id of a meta tensor -> the tensor that replaces it (tied ones share it)
+
+    def materialise(module: nn.Module, ids: set[int]) -> list[torch.Tensor]:
+        made = []
+        for table, is_param in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None or id(t) not in ids:
+                    continue
+                if id(t) not in fresh:
+                    data = torch.zeros(t.shape, dtype=t.dtype, device="cpu")
+                    fresh[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) if is_param else data
+                table[name] = fresh[id(t)]
+                made.append(t)
+        return made
+
+    for name, module in model.named_modules():
+        made = materialise(module, needed)
+        if not made:
+            continue
+        init = _initialiser(module)
+        if init is None:
+            for t in made:
+                for e in keys_of.get(id(t), []):
+                    if e.status == "new":
+                        e.note = (f"{e.note}; " if e.note else "") + (
+                            f"left at zero: {type(module).__name__} has no reset_parameters and the model was "
+                            "built on the meta device")
+            continue
+        try:
+            with torch.no_grad():
+                init()
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            # reset_parameters mixes these tensors with the module's loaded ones, still on the meta device:
+            # give the whole module memory and initialise it again (the loaded values are copied in afterwards).
+            everything = {id(t) for t in [*module._parameters.values(), *module._buffers.values()]
+                          if t is not None and t.is_meta}
+            materialise(module, everything)
+            with torch.no_grad():
+                init()
+        log.debug("initialised %s (%s) on the CPU for the tensors it keeps new", name or "(root)",
+                  type(module).__name__)
+
+
+def meta_blockers(model: nn.Module, report: Report) -> list[str]:
+    """Why a model built on the meta device could not receive `report` as well as one built normally.
+
+    Empty when every tensor that stays new belongs to a module with `reset_parameters` and the model holds no
+    non-persistent buffer (those are computed when a model is built, and no checkpoint holds them).
+    """
+    reasons = []
+    state = model.state_dict(keep_vars=True)
+    loaded_ids = {id(state[e.target]) for e in report.entries if e.status != "new"}
+    owners = {id(t): m for m in model.modules() for t in [*m._parameters.values(), *m._buffers.values()]
+              if t is not None}
+    for e in report.entries:
+        t = state[e.target]
+        if t.is_meta and (e.adapter in _ADAPTERS_ON_INIT or (e.status == "new" and id(t) not in loaded_ids)) \
+                and _initialiser(owners[id(t)]) is None:
+            reasons.append(f"{e.target} stays new and its module {type(owners[id(t)]).__name__} has no "
+                           "reset_parameters to initialise it")
+    keys = {id(t) for t in state.values()}
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta and id(buffer) not in keys:
+            reasons.append(f"{name} is a non-persistent buffer, computed when the model is built")
+    return reasons
 
 
 def transfer(source: Source | str | os.PathLike[str], model: nn.Module, *, rules: Any = None, strict: bool = False,
              allow_new: Sequence[str] = (), source_classes: Sequence[str] | None = None,
-             target_classes: Sequence[str] | None = None) -> Report:
+             target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Report:
     """Load what fits from `source` into `model`, in place (like `load_state_dict`), and return the Report.
 
     Args:
@@ -480,6 +665,13 @@ def transfer(source: Source | str | os.PathLike[str], model: nn.Module, *, rules
             buffers such as `num_batches_tracked` and `allow_new` globs are exempt.
         source_classes, target_classes: class names; when both are known, a classifier with another class
             count keeps the rows of the classes the two share.
+        dtype: None (each loaded tensor takes the dtype of the target tensor), or "float32", "float16",
+            "bfloat16": every floating tensor of the model ends in that dtype. Casts are noted per entry.
+        progress: called as `progress(bytes_placed, total_bytes)` as tensors are placed.
+
+    A model built on the meta device (`with torch.device("meta"): model = build()`) costs no memory and no
+    initialisation: it receives the source tensors themselves (views of the file for safetensors and torch
+    zip sources), and only the modules that keep new tensors get memory and run `reset_parameters`.
     """
     src = source if isinstance(source, Source) else load(source)
     if source_classes is None and target_classes is not None:
@@ -487,7 +679,8 @@ def transfer(source: Source | str | os.PathLike[str], model: nn.Module, *, rules
     report = plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes)
     if strict:
         report.check_strict(allow_new)
-    apply(report, src, model, source_classes=source_classes, target_classes=target_classes)
+    apply(report, src, model, source_classes=source_classes, target_classes=target_classes, dtype=dtype,
+          progress=progress)
     for w in report.warnings:
         log.warning(w)
     return report

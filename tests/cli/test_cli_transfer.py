@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import timm
 import torch
 import torchvision
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from torchgraft.cli import main
 
@@ -130,3 +131,115 @@ def test_rules_file_and_bad_rules(capsys, tmp_path):
     code, _, err = run(capsys, "transfer", str(src), "--model", "torchvision:resnet18", "--rules", str(rules),
                        "--dry-run")
     assert code == 1 and "unknown sections ['renam']" in err
+
+
+# ---- the low-memory path: meta-device build, --dtype, progress -------------------------------------------------
+
+NETS = '''
+import torch
+import torch.nn as nn
+
+
+class Net(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16))
+        self.head = nn.Linear(16, classes)
+
+
+def build(classes=5):
+    return Net(classes)
+
+
+def build_with_item(classes=5):
+    net = Net(classes)
+    net.depth = int(torch.tensor(len(net.body)).item())  # fails on the meta device
+    return net
+
+
+def build_with_buffer(classes=5):
+    net = Net(classes)
+    net.register_buffer("table", torch.arange(4.0), persistent=False)
+    return net
+'''
+
+
+def _nets(tmp_path):
+    spec = tmp_path / "nets.py"
+    spec.write_text(NETS)
+    import importlib.util
+
+    module_spec = importlib.util.spec_from_file_location("nets_for_test", spec)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    state = module.build().state_dict()
+    ckpt = tmp_path / "net.safetensors"
+    save_file(state, ckpt)
+    return spec, ckpt, state
+
+
+def test_transfer_builds_on_meta_and_writes_bfloat16(capsys, caplog, tmp_path):
+    spec, ckpt, state = _nets(tmp_path)
+    out, report = tmp_path / "bf16.safetensors", tmp_path / "r.json"
+    caplog.set_level(logging.DEBUG, logger="torchgraft")
+    code, stdout, _ = run(capsys, "transfer", str(ckpt), "--model", f"{spec}:build", "--model-kwargs",
+                          '{"classes": 3}', "--out", str(out), "--report", str(report), "--dtype", "bfloat16")
+    assert code == 0 and "6 loaded" in stdout and "2 new" in stdout
+    assert "built on the meta device" in caplog.text and "filled on the meta device" in caplog.text
+    written = load_file(out)
+    assert {v.dtype for v in written.values()} == {torch.bfloat16}
+    assert torch.equal(written["body.0.weight"], state["body.0.weight"].bfloat16())
+    assert written["head.weight"].shape == (3, 16) and written["head.weight"].float().abs().sum() > 0
+    notes = {e["target"]: e["note"] for e in json.loads(report.read_text())["entries"]}
+    assert notes["body.0.weight"] == "cast float32 -> bfloat16"
+    assert notes["head.bias"].endswith("cast float32 -> bfloat16")
+
+
+def test_transfer_falls_back_to_a_normal_build(capsys, caplog, tmp_path):
+    spec, ckpt, state = _nets(tmp_path)
+    caplog.set_level(logging.DEBUG, logger="torchgraft")
+    for factory, said in (("build_with_item", "built normally, its factory fails on the meta device"),
+                          ("build_with_buffer", "built again normally, the meta-device model cannot receive this "
+                                                "checkpoint as well: table is a non-persistent buffer")):
+        caplog.clear()
+        out = tmp_path / f"{factory}.safetensors"
+        code, stdout, _ = run(capsys, "transfer", str(ckpt), "--model", f"{spec}:{factory}", "--out", str(out))
+        assert code == 0 and "8 loaded" in stdout
+        assert said in caplog.text
+        written = load_file(out)
+        assert all(torch.equal(written[k], v) for k, v in state.items())
+
+
+def test_transfer_dtype_flag_help_and_verify(capsys, tmp_path):
+    from torchgraft.cli.transfer import transfer_parser
+
+    help_text = transfer_parser().format_help()
+    assert "--dtype {float32,float16,bfloat16}" in help_text and "--dtype bfloat16" in help_text
+    spec, ckpt, _ = _nets(tmp_path)
+    code, _, err = run(capsys, "transfer", str(ckpt), "--model", f"{spec}:build", "--dry-run", "--verify",
+                       "--source-model", f"{spec}:build", "--dtype", "float16")
+    assert code == 1
+    assert err.startswith("error: --verify runs both models on one float32 input, so it cannot check a --dtype "
+                          "float16 output")
+    with pytest.raises(SystemExit):
+        main(["transfer", str(ckpt), "--model", f"{spec}:build", "--dry-run", "--dtype", "int8"])
+
+
+def test_progress_bars_appear_only_after_the_delay():
+    import io
+
+    from rich.console import Console
+
+    from torchgraft.cli.transfer import ProgressBars
+
+    shown = io.StringIO()
+    with ProgressBars(Console(file=shown, force_terminal=True, width=100), delay=0) as bars:
+        update = bars.bar("writing out.safetensors")
+        update(512, 1024)
+        update(1024, 1024)
+    assert bars.shown and "writing out.safetensors" in shown.getvalue() and "1.0/1.0 kB" in shown.getvalue()
+    quiet = io.StringIO()
+    with ProgressBars(Console(file=quiet, force_terminal=True), delay=60) as bars:
+        bars.bar("placing tensors")(10, 10)
+    assert not bars.shown and quiet.getvalue() == ""

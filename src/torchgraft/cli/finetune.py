@@ -6,6 +6,7 @@ import argparse
 import ast
 import inspect as pyinspect
 import json as jsonlib
+import os
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -143,7 +144,8 @@ def run_finetune(config=None, resume=None, **options) -> int:
             if Path(given).exists() and Path(given).resolve() == out.resolve():
                 raise GraftError(f"--out {out} is also an input; choose another folder so the input is kept.")
     result = finetune(cfg, _RichReporter(), resume=resume is not None)
-    _summary(result)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the first process reports
+        _summary(result)
     return 0
 
 

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json as jsonlib
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from torchgraft.cli.common import console, print_json
@@ -13,7 +20,9 @@ from torchgraft.io.read import load
 from torchgraft.io.write import atomic_write, refuse_same_path, save_safetensors
 from torchgraft.specs import build_model
 from torchgraft.summary import collapse_indices
-from torchgraft.transfer import Report, apply, plan
+from torchgraft.transfer import DTYPES, Report, apply, meta_blockers, plan
+
+log = logging.getLogger(__name__)
 
 PLAN_DESCRIPTION = """Propose which source tensor each tensor of a model takes, without loading any values.
 
@@ -34,11 +43,16 @@ position embeddings, vocabulary) or new, with the method that matched it. --stri
 tensor is loaded or adapted (allow heads with --allow-new). The output is written atomically and never over
 the source.
 
+Big checkpoints cost about one copy of memory: the model is built on the meta device (no memory, no random
+initialisation), receives the checkpoint's tensors as views of the file, initialises only what stays new, and
+is written tensor by tensor. Loaded tensors take the model's dtype unless --dtype names one for all.
+
 Examples:
   graft transfer resnet18.pth --model torchvision:resnet18 --model-kwargs '{"num_classes": 21}' \\
       --out resnet18-21.safetensors --report report.json
   graft transfer mobilenet_v2-b0353104.pth --model timm:mobilenetv2_100 --out timm-mnv2.safetensors --strict
   graft transfer old.pth --model net.py:Net --plan plan.json --out net.safetensors
+  graft transfer big.safetensors --model my_net.py:build --dtype bfloat16 --out net-bf16.safetensors
 """
 
 
@@ -75,6 +89,9 @@ def transfer_parser():
     p.add_argument("--allow-new", nargs="*", default=[], metavar="PATTERN",
                    help="globs of target tensors that may stay new under --strict (e.g. 'fc.*')")
     p.add_argument("--dry-run", action="store_true", help="match and report, write nothing")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="cast every floating tensor of the output to this dtype (default: each loaded tensor "
+                        "takes the dtype of the model's tensor)")
     p.add_argument("--verify", action="store_true",
                    help="run --source-model (with the checkpoint) and the target on one input; compare activations")
     p.add_argument("--source-model", default=None, metavar="SPEC", help="the model the checkpoint belongs to")
@@ -99,7 +116,7 @@ def run_plan(source, model, model_kwargs, rules, key, source_classes, target_cla
     if out is not None:
         refuse_same_path(out, source, rules)
     src = load(source, key=key, verify_hash=not no_verify)
-    target = build_model(model, model_kwargs)
+    target, _ = build_target(model, model_kwargs)  # planning reads shapes only
     report = plan(src, target, rules=rules, source_classes=_classes(source_classes),
                   target_classes=_classes(target_classes))
     if out is not None:
@@ -115,17 +132,69 @@ def run_plan(source, model, model_kwargs, rules, key, source_classes, target_cla
     return 0
 
 
+def build_target(spec: str, kwargs: str | dict | None) -> tuple[nn.Module, bool]:
+    """Build the model on the meta device (no memory, no initialisation); build it normally if its factory fails
+    there (some call `.item()` or `.tolist()` while building). Returns the model and whether it is on meta."""
+    try:
+        with torch.device("meta"):
+            model = build_model(spec, kwargs)
+    except Exception as exc:  # any failure: a normal build either works or raises the error the user should see
+        log.debug("%s: built normally, its factory fails on the meta device (%s: %s)", spec, type(exc).__name__,
+                  str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
+        return build_model(spec, kwargs), False
+    log.debug("%s: built on the meta device", spec)
+    return model, True
+
+
+class ProgressBars:
+    """Byte progress bars on stderr that appear only once the work has taken more than `delay` seconds."""
+
+    def __init__(self, out: Console | None = None, delay: float = 1.0) -> None:
+        self._console = out or Console(stderr=True)
+        self._bars = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                              TransferSpeedColumn(), TimeRemainingColumn(), console=self._console,
+                              disable=not self._console.is_terminal)
+        self._tasks: dict[str, int] = {}
+        self._start = time.monotonic()
+        self._delay = delay
+        self.shown = False
+
+    def bar(self, description: str) -> Callable[[int, int], None]:
+        """A `progress(done, total)` callback for one bar."""
+        def update(done: int, total: int) -> None:
+            if description not in self._tasks:
+                self._tasks[description] = self._bars.add_task(description, total=total)
+            self._bars.update(self._tasks[description], completed=done, total=total)
+            if not self.shown and time.monotonic() - self._start > self._delay:
+                self._bars.start()
+                self.shown = True
+        return update
+
+    def __enter__(self) -> ProgressBars:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.shown:
+            self._bars.stop()
+
+
 def run_transfer(source, model, model_kwargs, rules, key, source_classes, target_classes, no_verify, plan,
-                 out, report, strict, allow_new, dry_run, verify, source_model, source_model_kwargs, json) -> int:
+                 out, report, strict, allow_new, dry_run, verify, source_model, source_model_kwargs, json,
+                 dtype=None) -> int:
     if out is None and not dry_run:
         raise GraftError("graft transfer needs --out OUT.safetensors (or --dry-run to only report).")
     if verify and source_model is None:
         raise GraftError("--verify needs --source-model SPEC: the model the checkpoint was saved from.")
+    if verify and dtype not in (None, "float32"):
+        raise GraftError(f"--verify runs both models on one float32 input, so it cannot check a --dtype {dtype} "
+                         "output; nothing was done. Run with --verify and without --dtype first, then again with "
+                         "--dtype.")
     for output in (out, report):
         if output is not None:
             refuse_same_path(output, source, rules, plan)
+    bars = ProgressBars()
     src = load(source, key=key, verify_hash=not no_verify)
-    target = build_model(model, model_kwargs)
+    target, on_meta = build_target(model, model_kwargs)
     s_classes, t_classes = _classes(source_classes), _classes(target_classes)
     if s_classes is None and t_classes is not None:
         from torchgraft.classes import known_classes
@@ -139,12 +208,23 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
         result = make_plan(src, target, rules=rules, source_classes=s_classes, target_classes=t_classes)
     if strict:
         result.check_strict(allow_new)
-    apply(result, src, target, source_classes=s_classes, target_classes=t_classes)
-    checked = _verify(src, source_model, source_model_kwargs, target, result) if verify else None
-    if not dry_run:
-        if out is not None:
+    if on_meta:
+        blockers = meta_blockers(target, result)
+        if blockers:
+            log.debug("%s: built again normally, the meta-device model cannot receive this checkpoint as well: "
+                      "%s%s", model, blockers[0], f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else "")
+            target = build_model(model, model_kwargs)
+        else:
+            log.debug("%s: filled on the meta device; only modules with new tensors are initialised", model)
+    with bars:
+        apply(result, src, target, source_classes=s_classes, target_classes=t_classes, dtype=dtype,
+              progress=bars.bar("placing tensors"), release_pages=True)
+        checked = _verify(src, source_model, source_model_kwargs, target, result) if verify else None
+        if not dry_run and out is not None:
             save_safetensors(target.state_dict(), out, metadata={"torchgraft.source": str(source),
-                                                                 "torchgraft.model": model})
+                                                                 "torchgraft.model": model},
+                             progress=bars.bar(f"writing {Path(out).name}"), release_pages=True)
+    if not dry_run:
         if report is not None:
             with atomic_write(report, "w") as f:
                 jsonlib.dump(_report_dict(result, checked), f, indent=2)

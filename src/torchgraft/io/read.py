@@ -6,7 +6,8 @@ dtypes, the format, what wrapper was unwrapped, and metadata. No code from a fil
 - what that refuses (whole-model pickles, training checkpoints with other objects) goes through torchgraft's
   restricted unpickler, which rebuilds tensors and containers and refuses any call (`io.unpickle`);
 - TorchScript archives are read with that unpickler too, never compiled;
-- safetensors are read through their header and memory map, shard by shard.
+- safetensors are read through their header and a private (copy-on-write) memory map, shard by shard: their
+  tensors are views of the file, read only when touched.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from torchgraft.errors import CheckpointError, IntegrityError, UnsafePickleError
+from torchgraft.io.pages import MappedFile
 from torchgraft.io.unpickle import Placeholder, unpickle_legacy, unpickle_zip
 
 __all__ = ["Source", "TensorInfo", "load", "WRAPPER_KEYS", "WRAPPER_PREFIXES"]
@@ -368,7 +370,8 @@ def _looks_like_safetensors(head: bytes, p: Path) -> bool:
     return head[8:9] == b"{" and 2 <= n <= p.stat().st_size - 8
 
 
-def _read_safetensors_header(p: Path) -> dict[str, Any]:
+def _read_safetensors_header(p: Path) -> tuple[dict[str, Any], int]:
+    """The checked header of a safetensors file, and where its data starts."""
     size = p.stat().st_size
     with open(p, "rb") as f:
         raw = f.read(8)
@@ -406,7 +409,7 @@ def _read_safetensors_header(p: Path) -> dict[str, Any]:
                 f"{p}: safetensors entry {name!r} is malformed or points past the end of the file "
                 f"({str(entry)[:80]}); the file is truncated or corrupt."
             )
-    return header
+    return header, 8 + n
 
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -416,25 +419,37 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 
 
 class _SafetensorsTensors(Mapping[str, torch.Tensor]):
-    """Tensors of one or more safetensors files, read on access through safetensors' memory map."""
+    """Tensors of one or more safetensors files: views of a private memory map of each file (shard).
 
-    def __init__(self, files: dict[str, Path]) -> None:
+    Mapping a file reads nothing: a tensor's bytes are read when they are touched, and writing to a tensor never
+    changes the file (the map is copy-on-write).
+    """
+
+    def __init__(self, files: dict[str, Path], headers: dict[Path, tuple[dict[str, Any], int]]) -> None:
         self._files = files  # key -> file
-        self._handles: dict[Path, Any] = {}
-
-    def _handle(self, path: Path) -> Any:
-        from safetensors import safe_open
-
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path]
+        self._headers = headers  # file -> (its header, checked by _safetensors_info; where its data starts)
+        self._maps: dict[Path, MappedFile] = {}
+        for path in dict.fromkeys(files.values()):
+            try:
+                self._maps[path] = MappedFile(path)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{path}: the file could not be memory-mapped ({_first_line(exc)}); expected "
+                                      "a readable safetensors file.") from None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         path = self._files[key]
+        header, data_start = self._headers[path]
+        entry = header[key]
+        start, end = entry["data_offsets"]
+        mapped = self._maps[path]
         try:
-            return self._handle(path).get_tensor(key)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: tensor {key!r} could not be read ({_first_line(exc)}).") from None
+            if data_start + end > len(mapped):
+                raise ValueError(f"the data ends at byte {data_start + end} but the file has {len(mapped)}")
+            dtype = getattr(torch, _ST_DTYPES[entry["dtype"]])
+            return mapped.tensor(data_start + start, end - start, dtype, entry["shape"])
+        except (ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: tensor {key!r} could not be read ({_first_line(exc)}); the file is "
+                                  "truncated or corrupt. Re-download or re-save it.") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -463,10 +478,10 @@ def _safetensors_info(p: Path, header: dict[str, Any]) -> dict[str, TensorInfo]:
 
 
 def _load_safetensors(p: Path) -> Source:
-    header = _read_safetensors_header(p)
+    header, data_start = _read_safetensors_header(p)
     info = _safetensors_info(p, header)
     metadata = {"safetensors": header.get("__metadata__") or {}}
-    tensors = _SafetensorsTensors({k: p for k in info})
+    tensors = _SafetensorsTensors({k: p for k in info}, {p: (header, data_start)})
     info, tensors, prefixes = _strip_lazy(info, tensors)
     return Source(str(p), "safetensors", tensors, info, wrapper=" > ".join(prefixes) or None, metadata=metadata)
 
@@ -509,15 +524,17 @@ def _load_index(p: Path, key: str | None = None) -> Source:
     if all(name.endswith(".safetensors") for name in shards):
         info: dict[str, TensorInfo] = {}
         files: dict[str, Path] = {}
+        headers: dict[Path, tuple[dict[str, Any], int]] = {}
         for shard in shards.values():
-            shard_info = _safetensors_info(shard, _read_safetensors_header(shard))
+            headers[shard] = _read_safetensors_header(shard)
+            shard_info = _safetensors_info(shard, headers[shard][0])
             info.update(shard_info)
             files.update({k: shard for k in shard_info})
         missing = [k for k in weight_map if k not in info]
         if missing:
             raise CheckpointError(f"{p}: {len(missing)} tensors in the index are in no shard (first: {missing[0]}).")
         ordered = {k: info[k] for k in weight_map}
-        tensors = _SafetensorsTensors({k: files[k] for k in weight_map})
+        tensors = _SafetensorsTensors({k: files[k] for k in weight_map}, headers)
         ordered, tensors, prefixes = _strip_lazy(ordered, tensors)
         meta = {"index": index.get("metadata") or {}, "shards": list(shards)}
         return Source(str(p), "safetensors-sharded", tensors, ordered,

@@ -192,9 +192,9 @@ def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = False) -> RunResult:
     """Fine-tune `config.model` from `config.weights` on `config.data`; files go to `config.out`."""
-    reporter = reporter or _Silent()
     out = Path(config.out)
     dist_info = _setup_processes(config)
+    reporter = reporter if (reporter is not None and dist_info.main) else _Silent()
     torch.manual_seed(config.seed + dist_info.rank)
 
     # -- data
@@ -210,8 +210,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     report = None
     if not resume:
         report = transfer(load(config.weights, key=config.key), model, target_classes=classes)
-        if dist_info.main:
-            reporter.transfer(report)
+        reporter.transfer(report)
 
     # -- freezing: head first, then the backbone (or the user's steps)
     steps = _unfreeze_steps(config, head)
@@ -247,9 +246,6 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     if cuda:
         model.to(memory_format=torch.channels_last)
     train_model: nn.Module = model
-    if dist_info.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.device.index] if cuda else None, find_unused_parameters=True)
 
     # -- loaders
     augment = config.augment and not config.linear_probe
@@ -271,6 +267,10 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
         added = schedule.step(epoch, model, optimizer, lr=config.lr * config.backbone_lr_mult, **group_kwargs)
         if config.freeze and added:
             freeze(model, *config.freeze)
+        if dist_info.world > 1 and (added or train_model is model):
+            # DDP synchronises the parameters that train when it is built: build it again when more unfreeze.
+            train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.device.index] if cuda
+                                                              else None)
         phase = "head" if _only_head_trains(model, head) else "all"
         if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
