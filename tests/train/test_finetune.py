@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torchgraft.cli import main
 from torchgraft.train.digits import write_digits
 
-FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip"]
+FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe"]
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +58,23 @@ def test_finetune_writes_the_run_folder(capsys, tmp_path, mobilenet_v2_path, dig
     assert not list(out.glob(".*.tmp"))
 
 
-def test_head_phase_keeps_backbone_and_bn_statistics(tmp_path, mobilenet_v2_path, digits, mobilenet_source=None):
-    """One epoch of the head phase: the frozen backbone, BatchNorm statistics included, is bit-identical."""
-    out = tmp_path / "run"
-    assert main(finetune_args(mobilenet_v2_path, digits, out, "--epochs", "1")) == 0
-    state = load_file(out / "model.safetensors")
+def test_head_phase_freezes_the_backbone(tmp_path, mobilenet_v2_path, digits):
+    """One epoch of the head phase: convolutions stay bit-identical; norm layers train (fastai's default) unless
+    --no-train-bn holds them in eval, statistics included."""
     source = torch.load(mobilenet_v2_path, weights_only=True)
+    held = tmp_path / "held"
+    assert main(finetune_args(mobilenet_v2_path, digits, held, "--epochs", "1", "--no-train-bn")) == 0
+    state = load_file(held / "model.safetensors")
     for key in ("features.0.0.weight", "features.5.conv.1.1.running_mean", "features.18.1.running_var"):
         assert torch.equal(state[key], source[key]), key
     assert not torch.equal(state["classifier.1.weight"][:, :5], torch.zeros(10, 5))
+    trained = tmp_path / "train_bn"
+    assert main(finetune_args(mobilenet_v2_path, digits, trained, "--epochs", "1")) == 0
+    state = load_file(trained / "model.safetensors")
+    assert torch.equal(state["features.0.0.weight"], source["features.0.0.weight"])
+    assert torch.equal(state["features.7.conv.1.0.weight"], source["features.7.conv.1.0.weight"])
+    assert not torch.equal(state["features.5.conv.1.1.running_mean"], source["features.5.conv.1.1.running_mean"])
+    assert not torch.equal(state["features.5.conv.1.1.weight"], source["features.5.conv.1.1.weight"])
 
 
 def test_linear_probe_uses_cached_features(capsys, tmp_path, mobilenet_v2_path, digits):
@@ -161,3 +169,13 @@ def test_two_processes_with_torchrun(tmp_path, mobilenet_v2_path, digits):
     assert ddp[-1]["val_acc"] > 0.3 and abs(ddp[-1]["val_acc"] - one[-1]["val_acc"]) < 0.2, (ddp, one)
     state = load_file(tmp_path / "ddp" / "model.safetensors")
     assert not any(k.startswith("module.") for k in state)  # the unwrapped model, not the DDP wrapper
+
+
+def test_few_shot_defaults_to_a_linear_probe(tmp_path, mobilenet_v2_path, digits):
+    """12 training images per class: too few to fine-tune a backbone on, so the default is a linear probe."""
+    out = tmp_path / "few"
+    args = [a for a in finetune_args(mobilenet_v2_path, digits, out, "--epochs", "2") if a != "--no-linear-probe"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["head", "head"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["linear_probe"] is True

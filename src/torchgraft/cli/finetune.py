@@ -73,7 +73,7 @@ def finetune_parser():
         help_text = docs.get(f.name, "")
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         hint = hints[f.name]
-        if hint is bool:
+        if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.name == "model_kwargs":
             p.add_argument(flag, type=_json_object, default=default, metavar="JSON", help=help_text)

@@ -34,6 +34,9 @@ class FinetuneConfig:
     """AdamW learning rate of the classifier; the backbone gets lr * backbone_lr_mult once unfrozen."""
     backbone_lr_mult: float = 0.5
     """Discriminative learning rate: the backbone's lr as a fraction of the classifier's."""
+    layer_decay: float | None = None
+    """Layer-wise learning-rate decay once the backbone trains (timm-style): each block closer to the input gets
+    this factor more; the classifier keeps lr (e.g. 0.9; off by default)."""
     weight_decay: float = 0.05
     """AdamW weight decay; norm layers and biases get none."""
     label_smoothing: float = 0.1
@@ -48,22 +51,26 @@ class FinetuneConfig:
     """Random resized crops (and flips, see hflip) for training; off for a linear probe."""
     hflip: bool = True
     """Random horizontal flips when augmenting (turn off for digits, text, anything with a handedness)."""
-    linear_probe: bool = False
-    """Train only the classifier for every epoch, without augmentation; features are computed once and cached."""
+    linear_probe: bool | None = None
+    """Train only the classifier for every epoch, without augmentation, on features computed once. Default: a
+    linear probe when some class has fewer than 20 training images (too few to fine-tune a backbone on), else
+    the two phases."""
     feature_cache: bool = True
     """For a linear probe, compute the frozen backbone's features once and train the classifier on them."""
     freeze: list[str] = field(default_factory=list)
     """Extra parameter/module globs kept frozen for the whole run (e.g. `features.0.*`)."""
     unfreeze_at: list[str] = field(default_factory=list)
     """Gradual unfreezing steps EPOCH:PATTERN (e.g. `1:layer4.*`, `2:*`); replaces the default two phases."""
-    train_bn: bool = False
-    """Keep norm-layer affine parameters trainable while the backbone is frozen (fastai's default)."""
+    train_bn: bool = True
+    """While the backbone is frozen, keep its norm layers training (affine parameters and statistics), as fastai
+    does: the features then do not jump when the backbone unfreezes. A linear probe always holds them in eval."""
     lr_mult: dict[str, float] = field(default_factory=dict)
     """Extra learning-rate factors by glob, e.g. {"layer4.*": 0.5}."""
     seed: int = 0
     """Seed for data order, augmentation and the new classifier's initialisation."""
-    workers: int = 2
-    """Data loader worker processes."""
+    workers: int | None = None
+    """Data loader worker processes; default 2 on CUDA, 0 on the CPU, where the math already keeps every core
+    busy and loader processes would compete with it."""
     device: str = "auto"
     """`auto` (CUDA when present), `cpu` or `cuda`."""
     key: str | None = None
@@ -82,6 +89,10 @@ class FinetuneConfig:
             problems.append(f"`--batch-size {self.batch_size}` must be at least 1")
         if not self.lr > 0:
             problems.append(f"`--lr {self.lr}` must be positive")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            problems.append(f"`--layer-decay {self.layer_decay}` must be in (0, 1]")
+        if self.workers is not None and self.workers < 0:
+            problems.append(f"`--workers {self.workers}` must be 0 or more")
         if not 0 <= self.warmup < 1:
             problems.append(f"`--warmup {self.warmup}` must be a fraction in [0, 1)")
         if self.image_size is not None and self.image_size < 8:

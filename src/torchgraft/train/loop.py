@@ -43,6 +43,8 @@ __all__ = ["finetune", "Reporter", "RunResult", "build_classifier_model", "find_
 
 log = logging.getLogger(__name__)
 
+FEW_SHOT = 20  # fewer training images than this in some class: a linear probe by default
+
 FILES = ("model.safetensors", "last.ckpt", "metrics.jsonl", "config.yaml", "classes.txt", "curves.png",
          "confusion.png")
 
@@ -200,6 +202,10 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     # -- data
     splits = find_splits(config.data, config.val_split, config.seed)
     classes = splits.classes
+    if config.linear_probe is None:
+        fewest = min(sum(1 for _, y in splits.train if y == i) for i in range(len(classes)))
+        config.linear_probe = fewest < FEW_SHOT
+        log.info("linear probe: %s (the smallest class has %d training images)", config.linear_probe, fewest)
     if not splits.val:
         raise GraftError(f"{config.data}: no validation images; add DIR/val/<class>/* or more images per class.")
 
@@ -215,10 +221,11 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     # -- freezing: head first, then the backbone (or the user's steps)
     steps = _unfreeze_steps(config, head)
     schedule = UnfreezeSchedule(steps)
-    schedule.start(model, train_bn=config.train_bn)
+    schedule.start(model, train_bn=config.train_bn and not config.linear_probe)
     if config.freeze:
         freeze(model, *config.freeze)
-    group_kwargs = {"weight_decay": config.weight_decay, "lr_mult": config.lr_mult or None}
+    group_kwargs = {"weight_decay": config.weight_decay, "lr_mult": config.lr_mult or None,
+                    "layer_decay": config.layer_decay}
     optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr, **group_kwargs), lr=config.lr,
                                   weight_decay=config.weight_decay)
 
@@ -271,7 +278,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
             # DDP synchronises the parameters that train when it is built: build it again when more unfreeze.
             train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.device.index] if cuda
                                                               else None)
-        phase = "head" if _only_head_trains(model, head) else "all"
+        phase = _phase_name(steps, epoch)
         if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
             train_loader.sampler.set_epoch(epoch)
         else:  # the order (and augmentation seeds) depend on the epoch alone, so a resumed run repeats them
@@ -333,8 +340,12 @@ def _unfreeze_steps(config: FinetuneConfig, head: str) -> list[tuple[int, list[s
     return [(0, head_patterns), (config.head_epochs, ["*"])]
 
 
-def _only_head_trains(model: nn.Module, head: str) -> bool:
-    return all(not p.requires_grad or n == head or n.startswith(head + ".") for n, p in model.named_parameters())
+def _phase_name(steps: list[tuple[int, list[str]]], epoch: int) -> str:
+    """"head" until the first unfreezing step, "all" once everything trains, else the patterns that thawed last."""
+    active = [patterns for at, patterns in steps if at <= epoch]
+    if len(active) == 1:
+        return "head"
+    return "all" if "*" in active[-1] else "+" + ",".join(active[-1])
 
 
 def _loader(dataset, config: FinetuneConfig, dist_info: _Dist, shuffle: bool) -> torch.utils.data.DataLoader:
@@ -343,9 +354,10 @@ def _loader(dataset, config: FinetuneConfig, dist_info: _Dist, shuffle: bool) ->
         sampler = torch.utils.data.DistributedSampler(dataset, dist_info.world, dist_info.rank, shuffle=True,
                                                       seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
+    workers = config.workers if config.workers is not None else (2 if dist_info.device.type == "cuda" else 0)
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=config.workers, persistent_workers=config.workers > 0, generator=generator,
+        num_workers=workers, persistent_workers=workers > 0, generator=generator,
         pin_memory=dist_info.device.type == "cuda", drop_last=False)
 
 
