@@ -179,3 +179,18 @@ def test_few_shot_defaults_to_a_linear_probe(tmp_path, mobilenet_v2_path, digits
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["head", "head"]
     assert yaml.safe_load((out / "config.yaml").read_text())["linear_probe"] is True
+
+
+def test_freezing_flags(capsys, tmp_path, mobilenet_v2_path, digits):
+    """--unfreeze trains more from the first epoch; --freeze keeps a part frozen; a typo names the closest."""
+    out = tmp_path / "flags"
+    assert main(finetune_args(mobilenet_v2_path, digits, out, "--epochs", "1", "--unfreeze", "features.1[78].*",
+                              "--freeze", "features.17.conv.0.*", "--no-train-bn")) == 0
+    source = torch.load(mobilenet_v2_path, weights_only=True)
+    state = load_file(out / "model.safetensors")
+    assert not torch.equal(state["features.18.0.weight"], source["features.18.0.weight"])  # --unfreeze
+    assert not torch.equal(state["features.17.conv.2.weight"], source["features.17.conv.2.weight"])
+    assert torch.equal(state["features.17.conv.0.0.weight"], source["features.17.conv.0.0.weight"])  # --freeze
+    assert torch.equal(state["features.10.conv.0.0.weight"], source["features.10.conv.0.0.weight"])
+    assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "bad", "--freeze", "featurs.0.*")) == 1
+    assert "closest" in capsys.readouterr().err

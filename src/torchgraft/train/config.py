@@ -59,6 +59,8 @@ class FinetuneConfig:
     """For a linear probe, compute the frozen backbone's features once and train the classifier on them."""
     freeze: list[str] = field(default_factory=list)
     """Extra parameter/module globs kept frozen for the whole run (e.g. `features.0.*`)."""
+    unfreeze: list[str] = field(default_factory=list)
+    """Globs that train from the first epoch together with the classifier (e.g. `layer4.*`)."""
     unfreeze_at: list[str] = field(default_factory=list)
     """Gradual unfreezing steps EPOCH:PATTERN (e.g. `1:layer4.*`, `2:*`); replaces the default two phases."""
     train_bn: bool = True

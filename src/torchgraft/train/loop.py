@@ -327,7 +327,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
 
 
 def _unfreeze_steps(config: FinetuneConfig, head: str) -> list[tuple[int, list[str]]]:
-    head_patterns = [head, f"{head}.*"]
+    head_patterns = [head, f"{head}.*", *config.unfreeze]
     if config.linear_probe:
         return [(0, head_patterns)]
     if config.unfreeze_at:
