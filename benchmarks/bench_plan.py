@@ -1,4 +1,4 @@
-"""How long `torchgraft.transfer.plan` takes as models grow (issue: planning two 5,000-module models <= 2 s).
+"""How long `plan` (torchgraft.transfer) takes as models grow (issue: planning two 5,000-module models <= 2 s).
 
 Run: .venv/bin/python benchmarks/bench_plan.py [--png plan_time.png]
 
