@@ -23,8 +23,9 @@ FINETUNE_DESCRIPTION = """Fine-tune a pretrained model on an image folder, in on
 
 The classifier is resized to the folder's classes through the transfer engine (its report is shown), inputs are
 sized and normalised from the model's metadata, and training runs in two phases by default: the classifier
-alone with the backbone frozen (BatchNorm held in eval), then everything with a lower learning rate for the
-backbone. AdamW, cosine schedule with warmup, label smoothing; mixed precision and channels_last on CUDA.
+alone with the backbone frozen (its norm layers keep training, as fastai does), then everything with a lower
+learning rate for the backbone. With fewer than 20 images in some class it is a linear probe on cached features
+instead. AdamW, a warmup and cosine decay per phase, label smoothing; mixed precision and channels_last on CUDA.
 
 DATA is DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split with --val-split.
 OUT receives model.safetensors (best on validation), last.ckpt, metrics.jsonl, config.yaml, classes.txt,
@@ -52,12 +53,34 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
+class _Parsed:
+    """A named argument type, so that --help shows its name instead of a function's address."""
+
+    def __init__(self, name: str, parse) -> None:
+        self.name, self.parse = name, parse
+
+    def __call__(self, text: str):
+        try:
+            return self.parse(text)
+        except GraftError as exc:  # argparse reports it as a usage error of this flag
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def __repr__(self) -> str:
+        return self.name
+
+
 def _kv(text: str) -> tuple[str, float]:
     pattern, sep, value = text.rpartition("=")
     try:
         return pattern, float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected PATTERN=FACTOR such as 'layer4.*=0.5', got {text!r}") from None
+
+
+def _json_object(text: str) -> dict:
+    from torchgraft.specs import parse_kwargs
+
+    return parse_kwargs(text)
 
 
 def finetune_parser():
@@ -76,21 +99,17 @@ def finetune_parser():
         if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.name == "model_kwargs":
-            p.add_argument(flag, type=_json_object, default=default, metavar="JSON", help=help_text)
+            p.add_argument(flag, type=_Parsed("JSON object", _json_object), default=default, metavar="JSON",
+                           help=help_text)
         elif f.name == "lr_mult":
-            p.add_argument(flag, type=_kv, nargs="*", default=[], metavar="PATTERN=X", help=help_text)
+            p.add_argument(flag, type=_Parsed("PATTERN=FACTOR", _kv), nargs="*", default=[], metavar="PATTERN=X",
+                           help=help_text)
         elif typing.get_origin(hint) is list:
             p.add_argument(flag, nargs="*", default=default, metavar="PATTERN", help=help_text)
         else:
             base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             p.add_argument(flag, type=base, default=default, help=help_text)
     return p
-
-
-def _json_object(text: str) -> dict:
-    from torchgraft.specs import parse_kwargs
-
-    return parse_kwargs(text)
 
 
 class _RichReporter:

@@ -27,7 +27,7 @@ class FinetuneConfig:
     epochs: int = 5
     """Epochs in all, the head-only phase included."""
     head_epochs: int = 1
-    """Epochs that train only the classifier (backbone frozen, its BatchNorm in eval) before unfreezing."""
+    """Epochs that train only the classifier (backbone frozen; see train_bn for its norm layers) before unfreezing."""
     batch_size: int = 32
     """Images per step (per process under torchrun)."""
     lr: float = 1e-3
@@ -42,7 +42,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
     warmup: float = 0.1
-    """Linear warmup as a fraction of all steps, then cosine decay to zero."""
+    """Linear warmup as a fraction of each phase's steps, then cosine decay to zero; each unfreezing starts a phase."""
     image_size: int | None = None
     """Input size; default from the model's metadata (timm pretrained_cfg, torchvision weights)."""
     val_split: float | None = None
