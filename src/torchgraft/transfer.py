@@ -31,6 +31,7 @@ from torchgraft.io.read import Source, load
 from torchgraft.match.names import Rules, best_prefixes, load_rules, strip_prefix
 from torchgraft.match.structure import Group, align, groups_from_keys, natural_order, tensor_pairs
 from torchgraft.summary import collapse_indices
+from torchgraft.numeric import check_tensor, describe_problems
 
 __all__ = ["Entry", "Report", "plan", "apply", "transfer", "meta_blockers", "BENIGN_NEW", "DTYPES"]
 
@@ -72,6 +73,9 @@ class Report:
     unused_source: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     target_numel: dict[str, int] = field(default_factory=dict, repr=False)
+    #: NaN/Inf/all-zero source tensors that were loaded: `{"key", "problem", "count", "target"}` each.
+    numeric: list[dict[str, Any]] = field(default_factory=list)
+    _numeric_seen: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def counts(self) -> dict[str, int]:
         c = {"loaded": 0, "adapted": 0, "new": 0}
@@ -105,6 +109,7 @@ class Report:
             "unused_source": self.unused_source,
             "summary": self.counts(),
             "warnings": self.warnings,
+            "numeric": self.numeric,
         }
 
     def summary(self, max_rows: int = 12) -> str:
@@ -125,8 +130,22 @@ class Report:
                     lines.append(f"  ... and {len(rows) - max_rows} more")
         return "\n".join(lines)
 
-    def check_strict(self, allow_new: Sequence[str] = ()) -> None:
-        """Raise unless every target tensor is loaded or adapted (benign buffers and `allow_new` globs aside)."""
+    def check_numeric(self, source: Source, entries: Sequence[Entry] | None = None) -> None:
+        """Check the source tensors that `entries` (default: every loaded or adapted one) take, once each: NaN,
+        Inf and all-zero weights are added to `numeric`, with a warning per source tensor."""
+        for e in (entries if entries is not None else [e for e in self.entries if e.status != "new"]):
+            names = [e.source] if isinstance(e.source, str) else list(e.source or [])
+            for name in names:
+                if name in self._numeric_seen or name not in source.info:
+                    continue
+                self._numeric_seen.add(name)
+                for problem in check_tensor(name, source[name]):
+                    self.numeric.append({**problem, "target": e.target})
+                    self.warnings.append(f"source tensor {describe_problems([problem])} (loaded into {e.target})")
+
+    def check_strict(self, allow_new: Sequence[str] = (), source: Source | None = None) -> None:
+        """Raise unless every target tensor is loaded or adapted (benign buffers and `allow_new` globs aside),
+        and (with `source`, or after `apply`) unless every loaded source tensor is finite."""
         missing = [e.target for e in self.entries if e.status == "new" and not e.benign
                    and not any(fnmatch.fnmatchcase(e.target, p) for p in allow_new)]
         if missing:
@@ -135,6 +154,15 @@ class Report:
                 f"--strict: {len(missing)} target tensors would stay new ({shown}); expected every tensor loaded "
                 "or adapted. Nothing was written. Add a rule for them, or allow them with --allow-new PATTERN "
                 "(e.g. --allow-new 'fc.*' for a new head)."
+            )
+        if source is not None:
+            self.check_numeric(source)
+        bad = [p for p in self.numeric if p["problem"] in ("nan", "inf")]
+        if bad:
+            raise GraftError(
+                f"--strict: {len(bad)} loaded source tensors hold NaN or infinite values ({describe_problems(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}); the checkpoint is damaged or diverged. Nothing was written. "
+                "Use another checkpoint, or drop those tensors with a rule."
             )
 
 
@@ -487,6 +515,7 @@ def apply(report: Report, source: Source, model: nn.Module, *, source_classes: S
     for e in placed:
         current = state[e.target]
         value = _value(e, source, current, info)
+        report.check_numeric(source, [e])
         if tuple(value.shape) != tuple(current.shape):
             raise GraftError(f"{e.target}: the plan gives shape {list(value.shape)} but the model has "
                              f"{list(current.shape)}; the plan does not fit this model. Re-run `graft plan`.")
@@ -678,7 +707,7 @@ def transfer(source: Source | str | os.PathLike[str], model: nn.Module, *, rules
         source_classes = known_classes(src.path)
     report = plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes)
     if strict:
-        report.check_strict(allow_new)
+        report.check_strict(allow_new, source=src)
     apply(report, src, model, source_classes=source_classes, target_classes=target_classes, dtype=dtype,
           progress=progress)
     for w in report.warnings:

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GraftError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split("\n")), file=sys.stderr)  # always one line
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written.", file=sys.stderr)

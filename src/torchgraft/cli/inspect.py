@@ -10,6 +10,7 @@ from torchgraft.cli.common import (add_freeze_arguments, apply_freeze_arguments,
 from torchgraft.errors import GraftError
 from torchgraft.freeze import trainable_summary
 from torchgraft.io.read import Source, load
+from torchgraft.numeric import scan
 from torchgraft.specs import build_model
 from torchgraft.summary import collapse_indices, describe_model, describe_source, group_by_prefix
 
@@ -69,14 +70,15 @@ def run(source: str | None, model: str | None, model_kwargs: str | None, key: st
             _render_model(report)
         return 0
     src = load(source, key=key, verify_hash=not no_verify)
+    numeric = scan(src.tensors, list(src.info))
     if json:
-        print_json(describe_source(src))
+        print_json({**describe_source(src), "numeric": numeric})
     else:
-        _render_source(src, every_tensor=all)
+        _render_source(src, every_tensor=all, numeric=numeric)
     return 0
 
 
-def _render_source(src: Source, every_tensor: bool) -> None:
+def _render_source(src: Source, every_tensor: bool, numeric: list[dict] | None = None) -> None:
     console.print(f"[bold]{src.path}[/]")
     console.print(f"format [cyan]{src.format}[/]   wrapper [cyan]{src.wrapper or '-'}[/]   "
                   f"tensors [bold]{len(src)}[/]   parameters [bold]{src.num_params:,}[/] ({human(src.num_params)})")
@@ -117,6 +119,10 @@ def _render_source(src: Source, every_tensor: bool) -> None:
         console.print(f"module classes (whole model; not imported): root [cyan]{src.modules.get('', '?')}[/]")
         for cls, n in sorted(classes.items(), key=lambda kv: -kv[1]):
             console.print(f"  {n:4d} x {cls}")
+    words = {"nan": "NaN values", "inf": "infinite values", "all_zero": "all zero"}
+    for p in numeric or []:
+        amount = f"{p['count']:,} " if p["problem"] != "all_zero" else f"{p['count']:,} values, "
+        console.print(f"[yellow]numeric: {p['key']}: {amount}{words[p['problem']]}[/]")
     other = src.metadata.get("other_weights")
     if other:
         console.print(f"[yellow]also holds weights under {other}; choose them with --key[/]")

@@ -207,7 +207,7 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
 
         result = make_plan(src, target, rules=rules, source_classes=s_classes, target_classes=t_classes)
     if strict:
-        result.check_strict(allow_new)
+        result.check_strict(allow_new, source=src)
     if on_meta:
         blockers = meta_blockers(target, result)
         if blockers:

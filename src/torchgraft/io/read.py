@@ -42,6 +42,8 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
                    "pytorch_model.bin.index.json")
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 _ZIP_MAGIC = b"PK\x03\x04"
+#: Deeper module trees are refused as malformed (no real model nests this deep; it keeps recursion bounded).
+MAX_MODULE_DEPTH = 200
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError, RuntimeError)
 
 
@@ -112,6 +114,15 @@ def load(path: str | os.PathLike[str], *, key: str | None = None, verify_hash: b
             `WRAPPER_KEYS` found.
         verify_hash: check a file named `name-<hex>.ext` against the sha256 prefix in its name, like torch.hub.
     """
+    try:
+        return _load(path, key=key, verify_hash=verify_hash)
+    except RecursionError:
+        raise CheckpointError(
+            f"{path}: the file nests containers too deeply to read; expected a checkpoint. It is corrupt or hostile."
+        ) from None
+
+
+def _load(path: str | os.PathLike[str], *, key: str | None, verify_hash: bool) -> Source:
     p = Path(path)
     shown = str(path)
     if not p.exists():
@@ -228,9 +239,11 @@ def _module_state(obj: Placeholder) -> tuple[dict[str, torch.Tensor], dict[str, 
     classes: dict[str, str] = {}
     seen: set[int] = set()
 
-    def walk(module: Placeholder, prefix: str) -> None:
+    def walk(module: Placeholder, prefix: str, depth: int = 0) -> None:
         if id(module) in seen:
             return
+        if depth > MAX_MODULE_DEPTH:
+            raise ValueError(f"modules nested more than {MAX_MODULE_DEPTH} deep (at {prefix[:60]}...)")
         seen.add(id(module))
         classes[prefix.rstrip(".")] = module.class_name
         attrs = module.attributes
@@ -239,7 +252,7 @@ def _module_state(obj: Placeholder) -> tuple[dict[str, torch.Tensor], dict[str, 
                 if isinstance(value, torch.Tensor):
                     tensors[prefix + name] = value
                 elif isinstance(value, Placeholder):
-                    walk(value, f"{prefix}{name}.")
+                    walk(value, f"{prefix}{name}.", depth + 1)
             return
         for name, value in (attrs.get("_parameters") or {}).items():
             if isinstance(value, torch.Tensor):
@@ -250,7 +263,7 @@ def _module_state(obj: Placeholder) -> tuple[dict[str, torch.Tensor], dict[str, 
                 tensors[prefix + name] = value
         for name, child in (attrs.get("_modules") or {}).items():
             if isinstance(child, Placeholder):
-                walk(child, f"{prefix}{name}.")
+                walk(child, f"{prefix}{name}.", depth + 1)
 
     walk(obj, "")
     return tensors, classes
@@ -384,8 +397,10 @@ def _read_safetensors_header(p: Path) -> tuple[dict[str, Any], int]:
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{p}: safetensors header is not valid JSON ({exc}); the file is corrupt.") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers,
+            # nesting deeper than the parser's recursion: all of them a corrupt or hostile header
+            raise CheckpointError(f"{p}: safetensors header is not valid JSON ({_first_line(exc)[:120]}); the file "
+                                  "is corrupt.") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{p}: safetensors header is a {type(header).__name__}, expected a JSON object.")
     data_size = size - 8 - n
@@ -513,7 +528,7 @@ def _load_index(p: Path, key: str | None = None) -> Source:
         index = json.loads(p.read_text())
         weight_map = index["weight_map"]
         assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AssertionError):
         raise CheckpointError(
             f"{p}: not a shard index; expected JSON with a \"weight_map\" of tensor name -> shard file."
         ) from None

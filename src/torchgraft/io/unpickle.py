@@ -17,6 +17,7 @@ import _compat_pickle
 import collections
 import io
 import pickle
+import pickletools
 import re
 import struct
 import warnings
@@ -182,8 +183,34 @@ class _RestrictedUnpickler(pickle.Unpickler):
         # subprocess `commands.*`, copyreg `copy_reg.*`; read them as the Python 3 names they stand for.
         self._py2_names = _protocol(file) < 3
 
+        self._file = file
+
     def persistent_load(self, pid: Any) -> Any:
         return self._persistent(pid)
+
+    def check_memo(self) -> None:
+        """Refuse memo indices no pickler writes before the C unpickler sizes its memo table to them.
+
+        `LONG_BINPUT 4294967295` in a 100-byte pickle makes `_pickle.Unpickler` allocate a memo table of 2**32
+        entries (tens of GB, seconds of zeroing); a real pickler numbers its memo entries 0, 1, 2, ... so an
+        index is never above the count of opcodes before it. The scan stops at the pickle's end (or where it
+        is damaged; the unpickler then reports that) and the file position is put back.
+        """
+        f = self._file
+        try:
+            start = f.tell()
+        except (OSError, AttributeError):
+            return
+        try:
+            for n, (opcode, arg, _) in enumerate(pickletools.genops(f)):
+                if opcode.name in _MEMO_OPCODES and isinstance(arg, int) and arg > n:
+                    raise _BadMemo(f"{opcode.name} {arg} at opcode {n}")
+        except _BadMemo:
+            raise
+        except Exception:  # damaged: the unpickler itself says how
+            pass
+        finally:
+            f.seek(start)
 
     def find_class(self, module: str, name: str) -> Any:
         if self._py2_names:
@@ -235,9 +262,23 @@ def _typed_storage(data: bytes | bytearray | memoryview, dtype: torch.dtype) -> 
     return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
 
+class _BadMemo(Exception):
+    pass
+
+
+_MEMO_OPCODES = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+
+
 def _run(path: str, unpickler: pickle.Unpickler) -> Any:
     try:
+        if isinstance(unpickler, _RestrictedUnpickler):
+            unpickler.check_memo()
         return unpickler.load()
+    except _BadMemo as exc:
+        raise CheckpointError(
+            f"{path}: the pickle uses memo index {exc} that no pickler writes; the file is corrupt or hostile. "
+            "Re-download or re-save it."
+        ) from None
     except _Refused as refused:
         raise UnsafePickleError(path, refused.global_name) from None
     except CheckpointError:
@@ -249,9 +290,19 @@ def _run(path: str, unpickler: pickle.Unpickler) -> Any:
         ) from None
     except Exception as exc:  # a corrupt pickle can raise nearly anything from the C unpickler
         raise CheckpointError(
-            f"{path}: the pickle inside is corrupt ({type(exc).__name__}: {exc}); expected a torch checkpoint. "
+            f"{path}: the pickle inside is corrupt ({type(exc).__name__}: {' '.join(str(exc)[:200].split())}); "
+            "expected a torch checkpoint. "
             "Re-download or re-save the file."
         ) from None
+
+
+def _pid_text(pid: Any) -> str:
+    """A short one-line description of a persistent id (it may hold anything a damaged pickle put there)."""
+    def one(x: Any) -> str:
+        return " ".join(repr(x)[:24].split()) if isinstance(x, (str, bytes, int, float, bool)) else type(x).__name__
+    if isinstance(pid, tuple):
+        return "(" + ", ".join(one(x) for x in pid[:5]) + (", ..." if len(pid) > 5 else "") + ")"
+    return one(pid)
 
 
 def unpickle_zip(path: str, zf: zipfile.ZipFile, pickle_name: str = "data.pkl") -> Any:
@@ -265,7 +316,7 @@ def unpickle_zip(path: str, zf: zipfile.ZipFile, pickle_name: str = "data.pkl") 
 
     def persistent_load(pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise CheckpointError(f"{path}: unknown persistent id {str(pid)[:80]}; expected a torch storage")
+            raise CheckpointError(f"{path}: unknown persistent id {_pid_text(pid)}; expected a torch storage")
         _, storage_type, key, _location, _numel = pid[:5]
         dtype = _storage_dtype(path, storage_type)
         if key not in storages:
@@ -300,7 +351,7 @@ def unpickle_legacy(path: str, f: IO[bytes]) -> Any:
         if isinstance(pid, tuple) and pid and pid[0] == "module":
             return pid[1] if len(pid) > 1 else None  # ('module', class, file, source): the source is never used
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
-            raise CheckpointError(f"{path}: unknown persistent id {str(pid)[:80]}; expected a torch storage")
+            raise CheckpointError(f"{path}: unknown persistent id {_pid_text(pid)}; expected a torch storage")
         _, storage_type, key, _location, numel, view = pid
         dtype = _storage_dtype(path, storage_type)
         pending.setdefault(key, (dtype, int(numel)))

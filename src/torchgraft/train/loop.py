@@ -198,6 +198,13 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     dist_info = _setup_processes(config)
     reporter = reporter if (reporter is not None and dist_info.main) else _Silent()
     torch.manual_seed(config.seed + dist_info.rank)
+    if resume:
+        if dist_info.main:  # temp files of writes a killed run left half done: never read, removed
+            for stale in out.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        if not (out / "last.ckpt").is_file():  # killed during the first epoch: nothing to lose, start it again
+            log.info("%s: no last.ckpt yet (the run stopped in its first epoch); starting it from epoch 0", out)
+            resume = False
 
     # -- data
     splits = find_splits(config.data, config.val_split, config.seed)

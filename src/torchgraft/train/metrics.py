@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from torchgraft.io.write import atomic_write
+
 __all__ = ["confusion_matrix", "classification_report", "plot_curves", "plot_confusion"]
 
 
@@ -62,7 +64,8 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as f:  # a killed run never leaves half a PNG
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -85,5 +88,6 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path) 
                     ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
                             color="white" if value > peak / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as f:  # a killed run never leaves half a PNG
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
