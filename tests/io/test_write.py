@@ -163,3 +163,18 @@ def test_writing_without_copy_file_range(tmp_path, mapped, monkeypatch):
     save_safetensors(source.state_dict(), tmp_path / "out.safetensors", release_pages=True)
     loaded = safetensors.torch.load_file(tmp_path / "out.safetensors")
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    """Like open(): 0666 less the umask, not mkstemp's private 0600."""
+    import os
+
+    from torchgraft.io.write import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "out.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644

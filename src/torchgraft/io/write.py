@@ -29,6 +29,12 @@ def refuse_same_path(output: str | os.PathLike[str], *inputs: str | os.PathLike[
             raise GraftError(f"{output}: the output path is also an input; choose another --out so the input is kept.")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success it is fsynced and renamed over `path`, else removed."""
@@ -36,6 +42,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the permissions open() would give
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
