@@ -396,12 +396,19 @@ def _join(module: str, name: str) -> str:
     return f"{module}.{name}" if module else name
 
 
+def _source_classes(src: Source, given: Sequence[str] | None,
+                    target_classes: Sequence[str] | None) -> Sequence[str] | None:
+    """Class names of the source's classifier: as given, else known for its file (classes.txt, torchvision)."""
+    if given is None and target_classes is not None:
+        return known_classes(src.path)
+    return given
+
+
 def plan(source: Source | str | os.PathLike[str], model: nn.Module, *, rules: Any = None,
          source_classes: Sequence[str] | None = None, target_classes: Sequence[str] | None = None) -> Report:
     """Decide, without touching any values, which source tensor(s) each target tensor takes."""
     src = source if isinstance(source, Source) else load(source)
-    if source_classes is None and target_classes is not None:
-        source_classes = known_classes(src.path)
+    source_classes = _source_classes(src, source_classes, target_classes)
     planner = _Planner(src, model, load_rules(rules), source_classes, target_classes)
     planner.drops()
     planner.merges_and_splits()
@@ -493,7 +500,8 @@ def apply(report: Report, source: Source, model: nn.Module, *, source_classes: S
     for e in report.entries:
         if e.method == "rule:split" and isinstance(e.source, str):
             split_counts[e.source] = split_counts.get(e.source, 0) + 1
-    info = {"split_counts": split_counts, "source_classes": source_classes, "target_classes": target_classes,
+    info = {"split_counts": split_counts, "source_classes": _source_classes(source, source_classes, target_classes),
+            "target_classes": target_classes,
             "num_prefix_tokens": getattr(model, "num_prefix_tokens", 1)}
     placed = [e for e in report.entries if e.status != "new"]
     for e in placed:
@@ -703,8 +711,6 @@ def transfer(source: Source | str | os.PathLike[str], model: nn.Module, *, rules
     zip sources), and only the modules that keep new tensors get memory and run `reset_parameters`.
     """
     src = source if isinstance(source, Source) else load(source)
-    if source_classes is None and target_classes is not None:
-        source_classes = known_classes(src.path)
     report = plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes)
     if strict:
         report.check_strict(allow_new, source=src)

@@ -196,10 +196,6 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
     src = load(source, key=key, verify_hash=not no_verify)
     target, on_meta = build_target(model, model_kwargs)
     s_classes, t_classes = _classes(source_classes), _classes(target_classes)
-    if s_classes is None and t_classes is not None:
-        from torchgraft.classes import known_classes
-
-        s_classes = known_classes(src.path)
     if plan is not None:
         result = _read_plan(plan, src.path, target)
     else:
