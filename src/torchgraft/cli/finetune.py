@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect as pyinspect
-import json as jsonlib
 import os
 import typing
 from dataclasses import MISSING, fields
@@ -177,8 +176,10 @@ def _summary(result) -> None:
         table.add_row(str(r["epoch"] + 1), r["phase"], f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}",
                       f"{r['val_loss']:.4f}", f"{r['val_acc']:.4f}{mark}", f"{r['lr']:.2e}", f"{r['seconds']:.1f}")
     console.print(table)
+    from torchgraft.train.loop import FILES
+
     console.print(f"best val acc [bold green]{result.best_val_acc:.4f}[/] at epoch {result.best_epoch + 1}; files in "
-                  f"[bold]{result.out}[/]: model.safetensors, last.ckpt, metrics.jsonl, curves.png, confusion.png")
+                  f"[bold]{result.out}[/]: {', '.join(FILES)}")
 
 
 # ---- evaluate / predict -----------------------------------------------------------------------------------

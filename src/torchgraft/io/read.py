@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from torchgraft.errors import CheckpointError, IntegrityError, UnsafePickleError
+from torchgraft.errors import CheckpointError, IntegrityError
 from torchgraft.io.pages import MappedFile
 from torchgraft.io.unpickle import Placeholder, unpickle_legacy, unpickle_zip
 

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import yaml
 
 from torchgraft.errors import GraftError
@@ -36,7 +35,7 @@ from torchgraft.specs import build_model
 from torchgraft.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.data import ImageList, build_transforms, find_splits, preprocessing_for
-from torchgraft.train.metrics import classification_report, confusion_matrix, plot_confusion, plot_curves
+from torchgraft.train.metrics import confusion_matrix, plot_confusion, plot_curves
 from torchgraft.transfer import Report, transfer
 
 __all__ = ["finetune", "Reporter", "RunResult", "build_classifier_model", "find_head"]
@@ -300,7 +299,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
             train_loss, train_acc, lr = _train_epoch(train_model, train_loader, optimizer, loss_fn, epoch, phases,
                                                      reporter, dist_info, amp, scaler)
         val_loss, confusion = _validate(model, val_loader, loss_fn, len(classes), dist_info, amp,
-                                        cache if cache is not None else None)
+                                        cache)
         val_acc = int(confusion.diag().sum()) / max(1, int(confusion.sum()))
         row = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": round(time.perf_counter() - started, 3)}
