@@ -109,10 +109,16 @@ def test_verify_from_cli(capsys, tmp_path, mobilenet_v2_path):
     assert code == 1 and "does not load strictly" in err
 
 
-def test_low_overlap_warning(capsys, minilm_dir):
-    code, stdout, _ = run(capsys, "transfer", str(minilm_dir), "--model", "torchvision:resnet18", "--dry-run")
+def test_low_overlap_warning(capsys, tmp_path, minilm_dir):
+    # A long path must not wrap the warning: it stays one greppable line whatever the terminal width.
+    deep = tmp_path / ("long_folder_name_" * 6) / "minilm"
+    deep.parent.mkdir()
+    deep.symlink_to(minilm_dir, target_is_directory=True)
+    code, stdout, _ = run(capsys, "transfer", str(deep), "--model", "torchvision:resnet18", "--dry-run")
     assert code == 0
-    assert "0 loaded" in stdout and "warning:" in stdout and "right checkpoint" in stdout
+    assert "0 loaded" in stdout
+    warning = [line for line in stdout.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "right checkpoint for this model?" in warning[0]
 
 
 def test_rules_file_and_bad_rules(capsys, tmp_path):

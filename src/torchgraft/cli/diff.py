@@ -65,4 +65,4 @@ def render(result: Diff, a: str, b: str, n_a: int, n_b: int) -> None:
     if result.identical_layout:
         console.print("[green]same keys, shapes and dtypes[/]")
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {note}", soft_wrap=True)

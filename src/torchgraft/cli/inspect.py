@@ -122,7 +122,7 @@ def _render_source(src: Source, every_tensor: bool, numeric: list[dict] | None =
     words = {"nan": "NaN values", "inf": "infinite values", "all_zero": "all zero"}
     for p in numeric or []:
         amount = f"{p['count']:,} " if p["problem"] != "all_zero" else f"{p['count']:,} values, "
-        console.print(f"[yellow]numeric: {p['key']}: {amount}{words[p['problem']]}[/]")
+        console.print(f"[yellow]numeric: {p['key']}: {amount}{words[p['problem']]}[/]", soft_wrap=True)
     other = src.metadata.get("other_weights")
     if other:
         console.print(f"[yellow]also holds weights under {other}; choose them with --key[/]")

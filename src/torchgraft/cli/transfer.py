@@ -310,4 +310,4 @@ def render(report: Report) -> None:
                   f"{c['unused_source']} source tensors unused; {report.loaded_fraction:.1%} of the target's values "
                   "come from the source")
     for w in report.warnings:
-        console.print(f"[bold red]warning:[/] {w}")
+        console.print(f"[bold red]warning:[/] {w}", soft_wrap=True)
