@@ -13,7 +13,9 @@ in its own process, measured with `/usr/bin/time -v` (wall time, maximum residen
 - graft: `graft transfer SRC --model benchmarks/bench_model.py:build --model-kwargs '{"num_classes": 10}'
   --out OUT.safetensors`;
 - bare load_file: `safetensors.torch.load_file` of the safetensors checkpoint (the same weights);
-- import torch: the interpreter and `import torch` alone, the floor under every other row.
+- import torch: the interpreter and `import torch` alone, the floor under every other row;
+- import torch + copy: `import torch`, then a kernel copy (`copy_file_range`) of the safetensors file to the
+  output and an fsync: the floor under any transfer that writes its output durably, as graft does.
 
 Runs are interleaved and repeated (`--repeat`); the table shows medians. Files are read from a warm page cache
 (they have just been written). Peak RSS is reported as a multiple of the checkpoint's size in bytes.
@@ -76,6 +78,18 @@ def import_torch() -> None:
     import torch  # noqa: F401
 
 
+def durable_copy(src: str, out: str) -> None:
+    """`import torch`, then copy the checkpoint to `out` in the kernel and fsync it: the least any transfer that
+    writes its output durably can cost on this machine."""
+    import torch  # noqa: F401
+
+    with open(src, "rb") as fin, open(out, "wb") as fout:
+        size, done = os.fstat(fin.fileno()).st_size, 0
+        while done < size:
+            done += os.copy_file_range(fin.fileno(), fout.fileno(), size - done)
+        os.fsync(fout.fileno())
+
+
 # ---- the checkpoint ---------------------------------------------------------------------------------------
 
 
@@ -133,6 +147,8 @@ def main() -> None:
             recipe(rest[0], rest[1], args.layers, args.width)
         elif what == "bare":
             bare(rest[0])
+        elif what == "copy":
+            durable_copy(rest[0], rest[1])
         else:
             import_torch()
         return
@@ -160,6 +176,7 @@ def main() -> None:
                               f"{MODEL}:build", "--model-kwargs", kwargs, "--out", str(out_graft)],
                     "bare load_file": [*me, "bare", str(st)],
                     "import torch": [*me, "import"],
+                    "import torch + copy": [*me, "copy", str(st), str(out_graft)],
                 }
                 for name, cmd in cmds.items():
                     wall, rss = measure(cmd)

@@ -491,8 +491,9 @@ def apply(report: Report, source: Source, model: nn.Module, *, source_classes: S
             "float16" or "bfloat16" casts every floating tensor of the model to it. Each entry whose values
             change dtype says so in its note ("cast float16 -> float32").
         progress: called as `progress(bytes_placed, total_bytes)` after each tensor placed.
-        release_pages: after a memory-mapped source tensor has been cast or adapted (not assigned), hand its
-            pages back (`torchgraft.io.pages`): they are read from the file again if it is used again.
+        release_pages: once a memory-mapped source tensor has been checked and placed, hand its pages back
+            (`torchgraft.io.pages`): a tensor assigned as it is reads them from the file again when it is used,
+            so resident memory stays near one tensor however big the checkpoint is.
     """
     policy = _dtype_policy(dtype)
     state = model.state_dict(keep_vars=True)
@@ -530,9 +531,6 @@ def apply(report: Report, source: Source, model: nn.Module, *, source_classes: S
         first = e.source if isinstance(e.source, str) else (e.source or [None])[0]
         _note_cast(e, source.info[first].dtype if first in source.info else value.dtype, out_dtype(current))
         cast = value.to(dtype=out_dtype(current))
-        if releaser and not (current.is_meta and cast is value and e.status == "loaded" and e.method != "rule:merge"):
-            for name in ([e.source] if isinstance(e.source, str) else e.source or []):
-                releaser.release(source[name])  # its bytes were copied: hand back the source's pages
         if current.is_meta:
             cast = cast.contiguous()
             key = (cast.data_ptr(), cast.numel() * cast.element_size())
@@ -542,6 +540,9 @@ def apply(report: Report, source: Source, model: nn.Module, *, source_classes: S
         else:
             with torch.no_grad():
                 current.copy_(cast)
+        if releaser:  # read by the check, copied or assigned unchanged: the file still holds these bytes
+            for name in ([e.source] if isinstance(e.source, str) else e.source or []):
+                releaser.release(source[name])
         done += current.numel() * out_dtype(current).itemsize
         if progress is not None:
             progress(done, total)

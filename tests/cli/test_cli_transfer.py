@@ -97,8 +97,7 @@ def test_plan_for_another_model_is_refused(capsys, tmp_path, mobilenet_v2_path):
     assert code == 1 and "expected a plan made for this --model" in err
 
 
-def test_verify_from_cli(capsys, tmp_path, mobilenet_v2_path):
-    report = tmp_path / "r.json"
+def test_verify_from_cli(capsys, mobilenet_v2_path):
     code, stdout, _ = run(capsys, "transfer", str(mobilenet_v2_path), "--model", "timm:mobilenetv2_100",
                           "--dry-run", "--verify", "--source-model", "torchvision:mobilenet_v2", "--json")
     assert code == 0

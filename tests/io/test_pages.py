@@ -9,21 +9,16 @@ import struct
 import pytest
 import safetensors.torch
 import torch
+from torch import nn
 
 import torchgraft
 from torchgraft.io.pages import PAGE, FileMaps
+from torchgraft.numeric import scan
+from torchgraft.transfer import apply, plan
 
 
 
-def _pagemap_readable() -> bool:
-    try:
-        with open("/proc/self/pagemap", "rb") as f:
-            return len(f.read(8)) == 8
-    except OSError:
-        return False
 
-
-linux_only = pytest.mark.skipif(not _pagemap_readable(), reason="needs a readable /proc/self/pagemap (Linux)")
 
 
 def _rss() -> int:
@@ -86,7 +81,7 @@ def test_misaligned_data_is_copied_and_read_right(tmp_path):
     assert torch.equal(source["pad"], torch.tensor([1, 2], dtype=torch.uint8))
 
 
-@linux_only
+@pytest.mark.pagemap
 def test_released_pages_leave_memory_and_read_back_from_the_file(tmp_path):
     value = torch.randn(64 << 20 >> 2)  # 64 MiB
     path = tmp_path / "big.safetensors"
@@ -104,7 +99,7 @@ def test_released_pages_leave_memory_and_read_back_from_the_file(tmp_path):
     assert torch.equal(mapped, value)  # read again from the file
 
 
-@linux_only
+@pytest.mark.pagemap
 def test_file_range_only_for_bytes_that_still_equal_the_file(tmp_path):
     path = tmp_path / "m.safetensors"
     safetensors.torch.save_file({"a": torch.zeros(4 * PAGE), "b": torch.zeros(4 * PAGE)}, path)
@@ -121,7 +116,7 @@ def test_file_range_only_for_bytes_that_still_equal_the_file(tmp_path):
     assert float(b.sum()) == 0.0
 
 
-@linux_only
+@pytest.mark.pagemap
 def test_torch_zip_files_are_mapped_privately_too(tmp_path):
     state = {"w": torch.randn(256, 256)}
     torch.save(state, tmp_path / "w.pth")
@@ -137,3 +132,31 @@ def test_nothing_is_found_or_released_without_madvise(monkeypatch):  # as outsid
     monkeypatch.setattr("torchgraft.io.pages._madvise", lambda: None)
     maps = FileMaps()
     assert not maps and maps.span(torch.zeros(3)) is None and maps.release(torch.zeros(3)) == 0
+
+
+@pytest.mark.pagemap
+def test_a_numeric_scan_hands_back_what_it_read(tmp_path):
+    path = tmp_path / "big.safetensors"
+    safetensors.torch.save_file({"a": torch.randn(32 << 20 >> 2), "b": torch.randn(32 << 20 >> 2)}, path)
+    source = torchgraft.load(path)
+    base = _rss()
+    assert scan(source.tensors, release_pages=True) == []
+    assert _rss() - base < 16 << 20  # about one tensor at most, not the file
+    assert scan(source.tensors) == []  # without release_pages the pages stay
+    assert _rss() - base > 48 << 20
+
+
+@pytest.mark.pagemap
+def test_apply_into_a_meta_model_keeps_about_one_tensor_resident(tmp_path):
+    layers = [nn.Linear(1024, 1024, bias=False) for _ in range(4)]  # 4 MiB each
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(nn.Sequential(*layers).state_dict(), path)
+    source = torchgraft.load(path)
+    with torch.device("meta"):
+        model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(4)], nn.Linear(1024, 10))
+    report = plan(source, model)
+    base = _rss()
+    apply(report, source, model, release_pages=True)
+    assert _rss() - base < 6 << 20  # the new head and about one tensor; the 16 MiB of weights were read
+    assert all(torch.equal(model[i].weight, layers[i].weight) for i in range(4))  # read again from the file
+    assert report.numeric == [] and not model[4].weight.is_meta

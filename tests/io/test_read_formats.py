@@ -388,25 +388,16 @@ class TinyNet(nn.Module):
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
-def test_whole_model_of_a_class_that_no_longer_exists(tmp_path, legacy):
-    name = f"tg_throwaway_{'legacy' if legacy else 'zip'}_{tmp_path.name.replace('-', '_')}"
-    src_dir = tmp_path / "src"
-    src_dir.mkdir()
-    (src_dir / f"{name}.py").write_text(_THROWAWAY)
-    sys.path.insert(0, str(src_dir))
-    try:
-        module = importlib.import_module(name)
-        torch.manual_seed(0)
-        model = module.TinyNet()
-        expected = {k: v.clone() for k, v in model.state_dict().items()}
-        classes = {n: class_path(m) for n, m in model.named_modules()}
-        path = tmp_path / "tiny.pth"
-        torch.save(model, path, _use_new_zipfile_serialization=not legacy)
-    finally:
-        sys.path.remove(str(src_dir))
-        sys.modules.pop(name, None)
-    shutil.rmtree(src_dir)
-    importlib.invalidate_caches()
+def test_whole_model_of_a_class_that_no_longer_exists(tmp_path, throwaway, legacy):
+    module = throwaway.load(f"tg_throwaway_{'legacy' if legacy else 'zip'}", _THROWAWAY)
+    name = module.__name__
+    torch.manual_seed(0)
+    model = module.TinyNet()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = {n: class_path(m) for n, m in model.named_modules()}
+    path = tmp_path / "tiny.pth"
+    torch.save(model, path, _use_new_zipfile_serialization=not legacy)
+    throwaway.forget()
     with pytest.raises(ModuleNotFoundError):  # the class really cannot be imported any more
         importlib.import_module(name)
 

@@ -7,7 +7,6 @@ that loading the file refuses the call, names the global, and that the payload's
 from __future__ import annotations
 
 import builtins
-import importlib
 import io
 import json
 import os
@@ -19,7 +18,6 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -226,24 +224,10 @@ class TrickList(list):
 '''
 
 
-@pytest.fixture
-def tricks_module(tmp_path):
-    name = f"tg_tricks_{tmp_path.name.replace('-', '_')}"
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / f"{name}.py").write_text(_TRICKS)
-    sys.path.insert(0, str(src))
-    try:
-        yield importlib.import_module(name)
-    finally:
-        if str(src) in sys.path:
-            sys.path.remove(str(src))
-        sys.modules.pop(name, None)
-
-
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 @pytest.mark.parametrize("importable", [False, True], ids=["class-gone", "class-importable"])
-def test_setstate_and_container_tricks_load_as_inert_placeholders(tmp_path, tricks_module, legacy, importable):
+def test_setstate_and_container_tricks_load_as_inert_placeholders(tmp_path, throwaway, legacy, importable):
+    tricks_module = throwaway.load("tg_tricks", _TRICKS)
     name = tricks_module.__name__
     marker = tmp_path / "pwned"
     trick_dict = tricks_module.TrickDict()
@@ -254,10 +238,7 @@ def test_setstate_and_container_tricks_load_as_inert_placeholders(tmp_path, tric
     torch.save({"state_dict": tiny_state(), "trick": tricks_module.Trick(str(marker)), "d": trick_dict,
                 "l": trick_list}, path, _use_new_zipfile_serialization=not legacy)
     if not importable:
-        sys.path.remove(str(tmp_path / "src"))
-        sys.modules.pop(name)
-        shutil.rmtree(tmp_path / "src")
-        importlib.invalidate_caches()
+        throwaway.forget()
 
     source = torchgraft.load(path)
     assert not marker.exists()

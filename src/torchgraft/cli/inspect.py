@@ -70,7 +70,7 @@ def run(source: str | None, model: str | None, model_kwargs: str | None, key: st
             _render_model(report)
         return 0
     src = load(source, key=key, verify_hash=not no_verify)
-    numeric = scan(src.tensors, list(src.info))
+    numeric = scan(src.tensors, list(src.info), release_pages=True)
     if json:
         print_json({**describe_source(src), "numeric": numeric})
     else:

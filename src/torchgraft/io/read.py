@@ -20,6 +20,7 @@ import re
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,27 @@ def _check_hash_in_name(p: Path) -> None:
 # ---- torch pickles ----------------------------------------------------------------------------------------
 
 
+def _first_bad_member(zf: zipfile.ZipFile) -> str | None:
+    """`zf.testzip()` on two threads: the name of a member whose CRC fails, or None. Reading a member to its end
+    checks its CRC; zlib computes it without the GIL, so two big members are checked at once."""
+
+    def bad(info: zipfile.ZipInfo) -> bool:
+        try:
+            with zf.open(info) as member:
+                while member.read(1 << 24):
+                    pass
+        except zipfile.BadZipFile:
+            return True
+        return False
+
+    members = sorted(zf.infolist(), key=lambda info: -info.file_size)  # the biggest first: the threads finish together
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for info, failed in zip(members, pool.map(bad, members)):
+            if failed:
+                return info.filename
+    return None
+
+
 def _load_torch_zip(p: Path, key: str | None) -> Source:
     scripted: Any = None
     is_script = False
@@ -176,7 +198,7 @@ def _load_torch_zip(p: Path, key: str | None) -> Source:
             names = zf.namelist()
             if not any(n.endswith("/data.pkl") for n in names):
                 raise CheckpointError(f"{p}: a zip file without data.pkl; expected a torch checkpoint (torch.save).")
-            bad = zf.testzip()
+            bad = _first_bad_member(zf)
             if bad is not None:
                 raise CheckpointError(f"{p}: member {bad} fails its CRC check; the file is corrupt. Re-download it.")
             if any(n.endswith("/constants.pkl") for n in names):

@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -100,12 +101,12 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     header = safetensors_header(items, metadata)
     total = sum(v.numel() * v.element_size() for _, v in items)
     done = 0
-    with FileMaps() as maps, atomic_write(path) as f:
+    with FileMaps() as maps, atomic_write(path) as f, _Writeback(f) as writeback:
         release = _release_schedule(items, maps) if release_pages and maps else {}
         f.write(header)
         for i, (_, value) in enumerate(items):
             for written in _write_tensor(f, value, maps):
-                _start_writeback(f, len(header) + done, written)
+                writeback.start(len(header) + done, written)
                 done += written
                 if progress is not None:
                     progress(done, total)
@@ -187,13 +188,27 @@ _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _start_writeback(f: IO[bytes], offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range to disk now (Linux), so the final fsync has little left to wait
-    for: the disk works while the next tensors are copied. Durability still comes from that fsync."""
-    if _SYNC_FILE_RANGE is None or length < (1 << 20):
-        return
-    f.flush()
-    _SYNC_FILE_RANGE(f.fileno(), offset, length, _SYNC_FILE_RANGE_WRITE)
+class _Writeback:
+    """Asks the kernel to start writing each written range to disk (Linux `sync_file_range`), from a background
+    thread, so the disk works while the next tensors are copied and the final fsync has little left to wait for.
+    Durability still comes from that fsync; this only moves the wait off the copying thread."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._pool = ThreadPoolExecutor(max_workers=1) if _SYNC_FILE_RANGE is not None else None
+
+    def start(self, offset: int, length: int) -> None:
+        if self._pool is None or length < (1 << 20):
+            return
+        self._f.flush()
+        self._pool.submit(_SYNC_FILE_RANGE, self._f.fileno(), offset, length, _SYNC_FILE_RANGE_WRITE)
+
+    def __enter__(self) -> _Writeback:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def _release_schedule(items: Sequence[tuple[str, torch.Tensor]], maps: FileMaps) -> dict[int, list]:
