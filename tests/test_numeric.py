@@ -7,6 +7,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torchvision
 from safetensors.torch import save_file
 
@@ -43,6 +45,26 @@ def test_check_tensor_rules():
                     ("bn.num_batches_tracked", torch.tensor(0)), ("a.scale", torch.zeros(1)),
                     ("ids", torch.zeros(4, dtype=torch.long)), ("a.weight", torch.randn(3, 3))):
         assert check_tensor(*healthy) == [], healthy[0]
+
+
+def _by_definition(t: torch.Tensor) -> dict[str, int]:
+    """What check_tensor must find, counted the slow, obvious way."""
+    v = t.detach().double()
+    nan, inf = int(torch.isnan(v).sum()), int(torch.isinf(v).sum())
+    if nan or inf:
+        return {k: n for k, n in (("nan", nan), ("inf", inf)) if n}
+    return {"all_zero": t.numel()} if t.numel() > 1 and not bool(v.any()) else {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, -0.0, 1.5, -2.0, 1e-30, 6e4, float("nan"), float("inf"),
+                                        float("-inf")]), min_size=1, max_size=40),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       grad=st.booleans())
+def test_check_tensor_agrees_with_the_definition(values, dtype, grad):
+    t = torch.tensor(values, dtype=dtype).requires_grad_(grad)
+    found = {p["problem"]: p["count"] for p in check_tensor("layer.weight", t)}
+    assert found == _by_definition(t)
 
 
 def test_healthy_resnet_has_no_problems(tmp_path, resnet_state, capsys):
