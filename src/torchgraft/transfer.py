@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,7 +30,15 @@ from torchgraft.errors import GraftError
 from torchgraft.io.pages import FileMaps
 from torchgraft.io.read import Source, load
 from torchgraft.match.names import Rules, best_prefixes, load_rules, strip_prefix
-from torchgraft.match.structure import Group, align, groups_from_keys, natural_order, tensor_pairs
+from torchgraft.match.structure import (
+    Group,
+    align,
+    groups_from_keys,
+    natural_order,
+    order_known,
+    signature,
+    tensor_pairs,
+)
 from torchgraft.summary import collapse_indices
 from torchgraft.numeric import check_tensor, describe_problems
 
@@ -283,18 +292,30 @@ class _Planner:
         targets = self._free_targets()
         if not free or not targets:
             return
-        src_keys, tgt_keys = list(free), targets
-        order_lost = _string_sorted(list(self.src))
-        if order_lost:
-            # A file stored with keys sorted as strings (safetensors) has lost its module order: put both sides
-            # in the same canonical order so that `blocks.2` meets `blocks.2`, not `blocks.10`.
-            src_keys = natural_order(src_keys)
-            tgt_keys = natural_order(sorted(tgt_keys))
         # Module classes are not compared: libraries name the same computation differently (BatchNorm2d in
         # torchvision, BatchNormAct2d in timm); shapes and local tensor names decide.
-        src_groups = groups_from_keys({k: free[k] for k in src_keys})
-        tgt_groups = groups_from_keys({k: self.tgt[k] for k in tgt_keys})
-        for m in align(src_groups, tgt_groups):
+        order_lost = _string_sorted(list(self.src))
+        if not order_lost:
+            src_groups = groups_from_keys({k: free[k] for k in free})
+            tgt_groups = groups_from_keys({k: self.tgt[k] for k in targets})
+            matches = align(src_groups, tgt_groups)
+        else:
+            # A file stored with keys sorted as strings (safetensors) has lost its module order. natural_order
+            # puts numbered modules back in order; when that is the whole order that matters (`order_known`),
+            # align against the model's own order, leaving out the positions of unique groups, which are the
+            # only ones a sort may have moved. Otherwise put both sides in the same canonical order, so that
+            # `blocks.2` meets `blocks.2`, and load by position only under equal names.
+            src_groups = groups_from_keys({k: free[k] for k in natural_order(free)})
+            tgt_groups = groups_from_keys({k: self.tgt[k] for k in targets})
+            count = Counter(signature(g) for g in src_groups)
+            count_t = Counter(signature(g) for g in tgt_groups)
+            if order_known(src_groups, lambda g: count[signature(g)] == 1 and count_t[signature(g)] == 1):
+                order_lost = False
+                matches = align(src_groups, tgt_groups, cut_at_anchors=False)
+            else:
+                tgt_groups = groups_from_keys({k: self.tgt[k] for k in natural_order(sorted(targets))})
+                matches = align(src_groups, tgt_groups)
+        for m in matches:
             tg = tgt_groups[m.target]
             if m.source is None:
                 if m.candidates:

@@ -21,6 +21,7 @@ from torchgraft.match.structure import (
     groups_from_keys,
     groups_from_model,
     natural_order,
+    order_known,
     signature,
     tensor_pairs,
 )
@@ -567,3 +568,30 @@ def test_region_over_the_cell_budget_is_ambiguous(monkeypatch):
     assert inner[0].candidates == [1, 4, 7, 10]
     monkeypatch.setattr(structure, "MAX_DP_CELLS", 160_000)
     assert [m.how for m in align(source, target)[1:13]] == ["aligned"] * 12
+
+
+def _groups(*names_and_shapes):
+    return groups_from_keys({f"{name}.weight": shape for name, shape in names_and_shapes})
+
+
+def test_order_known_when_only_unique_groups_could_have_moved():
+    unique = {(8, 1000)}  # a head found once on each side: matched wherever it stands
+
+    def fixed(group):
+        return group.tensors[0][1] in unique
+
+    numbered = _groups(("classifier.1", (8, 1000)), *[(f"features.{i}.0", (8, 8)) for i in (0, 1, 10, 2)])
+    assert order_known(natural_order_groups(numbered), fixed)
+    staged = _groups(*[(f"stage{i}.conv", (8, 8)) for i in (1, 10, 2)])
+    assert order_known(staged, fixed)
+    block = _groups(("layer1.0.bn1", (8,)), ("layer1.0.bn2", (8,)), ("layer1.0.conv1", (8, 8)))
+    assert not order_known(block, fixed)  # bn1, bn2, conv1: the sort moved modules that are not unique
+    own_and_child = groups_from_keys({"norm.weight": (8,), "pos_embed": (1, 8), "blocks.0.norm.weight": (8,)})
+    assert not order_known(own_and_child, fixed)  # the root's own tensors, `blocks` and `norm` all matter
+    assert order_known(own_and_child, lambda g: g.name != "blocks.0.norm")
+
+
+def natural_order_groups(groups):
+    order = natural_order(g.name for g in groups)
+    by_name = {g.name: g for g in groups}
+    return [by_name[n] for n in order]

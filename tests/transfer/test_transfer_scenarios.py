@@ -270,20 +270,45 @@ def test_classifier_rows_of_shared_imagenet_classes(mobilenet_v2_path, mobilenet
     assert not torch.equal(w[2], mobilenet_source["classifier.1.weight"][2])
 
 
-def test_sorted_safetensors_with_other_names_never_guesses(tmp_path, mobilenet_v2_path):
-    """A safetensors file keeps keys sorted as strings, so module order is lost: under other names, only
-    order-free evidence (a shape found once on each side) may load a tensor — and every such tensor is right."""
+def test_sorted_safetensors_of_numbered_modules_align_fully(tmp_path, mobilenet_v2_path):
+    """A safetensors file keeps keys sorted as strings. torchvision's MobileNetV2 numbers its modules
+    (`features.10.conv.0.1`), so natural order gives the file its module order back, apart from `classifier`
+    (sorted before `features`), whose shapes are unique: every tensor goes where the .pth file puts it, under
+    timm's entirely different names, and the outputs are equal."""
     from safetensors.torch import save_file
 
     state = torch.load(mobilenet_v2_path, weights_only=True)
     path = tmp_path / "mnv2.safetensors"
     save_file(state, path)
     truth = {e.target: e.source for e in plan(mobilenet_v2_path, timm.create_model("mobilenetv2_100")).entries}
-    report = plan(path, timm.create_model("mobilenetv2_100"))
+    model = timm.create_model("mobilenetv2_100").eval()
+    report = transfer(path, model)
+    assert len(report.by_status("loaded")) == len(truth) == 314
+    assert all(e.source == truth[e.target] for e in report.entries)
+    reference = torchvision.models.mobilenet_v2().eval()
+    reference.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+def test_sorted_safetensors_of_named_modules_never_guesses(tmp_path):
+    """timm's MobileNetV2 names its modules (`conv_pw`, `bn1`, `conv_dw`, `bn2`); sorted, their order is lost
+    (`bn1`, `bn2`, `conv_dw`, `conv_pw`). Into torchvision's model, only order-free evidence (a shape found
+    once on each side) may load a tensor, and every tensor loaded is where the .pth file would put it."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in timm.create_model("mobilenetv2_100").state_dict().items()}
+    torch.save(state, tmp_path / "timm.pth")
+    save_file(state, tmp_path / "timm.safetensors")
+    truth = {e.target: e.source for e in plan(tmp_path / "timm.pth", torchvision.models.mobilenet_v2()).entries}
+    assert all(truth.values())  # in stored order, all 314 tensors find their place
+    report = plan(tmp_path / "timm.safetensors", torchvision.models.mobilenet_v2())
     loaded = report.by_status("loaded")
     assert loaded, "unique shapes (stem, head) still load"
     assert all(e.source == truth[e.target] for e in loaded)
-    assert report.entry("classifier.weight").source == "classifier.1.weight"
+    assert report.entry("classifier.1.weight").source == "classifier.weight"
     new = [e for e in report.by_status("new") if not e.benign]
     assert any("sorted by name" in e.note for e in new)
 

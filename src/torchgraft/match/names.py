@@ -47,7 +47,7 @@ def _candidate_prefixes(keys: Iterable[str]) -> list[str]:
         for depth in (1, 2):
             if len(parts) > depth:
                 heads[".".join(parts[:depth]) + "."] += 1
-    frequent = [p for p, n in heads.items() if n >= max(2, len(keys) // 10)]
+    frequent = [p for p, n in heads.items() if n >= max(2, (len(keys) + 1) // 2)]  # a wrapper wraps most keys
     present = [p for p in KNOWN_PREFIXES if heads.get(p)]
     return [""] + list(dict.fromkeys(present + frequent))
 
@@ -55,8 +55,11 @@ def _candidate_prefixes(keys: Iterable[str]) -> list[str]:
 def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tuple[int, ...]]) -> tuple[str, str, int]:
     """The (source prefix, target prefix) whose removal makes the most names match with equal shapes.
 
-    Found by analysing the leading components of both sides, not only from a fixed list; ties prefer removing
-    nothing. Returns the two prefixes and the number of matches they give.
+    Found by analysing the leading components of both sides, not only from a fixed list: known wrapper prefixes
+    (`module.`, `backbone.` ...) and leading components shared by at least half of a side's keys. A match
+    counts only when what is left is still a module path and a tensor name (`layer1.0.conv1.weight`, not just
+    `weight`): stripping a whole module's path away says nothing about which module it was. Ties prefer
+    removing nothing. Returns the two prefixes and the number of matches they give.
     """
     best = ("", "", -1)
     src_cands = _candidate_prefixes(source)
@@ -66,7 +69,8 @@ def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tu
         for tp in tgt_cands:
             hits = 0
             for k, shape in target.items():
-                if stripped.get(strip_prefix(k, tp)) == shape:
+                rest = strip_prefix(k, tp)
+                if "." in rest and stripped.get(rest) == shape:
                     hits += 1
             if hits > best[2] or (hits == best[2] and len(sp) + len(tp) < len(best[0]) + len(best[1])):
                 best = (sp, tp, hits)

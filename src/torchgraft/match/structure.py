@@ -53,6 +53,7 @@ __all__ = [
     "groups_from_keys",
     "groups_from_model",
     "natural_order",
+    "order_known",
     "signature",
     "tensor_pairs",
 ]
@@ -208,16 +209,66 @@ def natural_order(keys: Iterable[str]) -> list[str]:
     return out
 
 
+def order_known(groups: Sequence[Group], fixed: Callable[[Group], bool]) -> bool:
+    """Whether `natural_order` gave a string-sorted file back its module order, as far as alignment needs it.
+
+    A string sort keeps the module tree but loses the order of named siblings (`conv1`, `bn1` come back as
+    `bn1`, `conv1`); numbered siblings (`0` ... `10`, or `stage1` ... `stage10` when every sibling has that one
+    pattern) are put back in order. Under each module, the *units* are: its own tensors, the numbered children
+    as one block, and each named child. The order is known when under every module at most one unit holds a
+    group that is not `fixed` (a group matched wherever it stands: its signature is unique on both sides), so
+    torchvision's `features.N` + `classifier` is known, and a ResNet block's `conv1`, `bn1`, `conv2` is not.
+    `groups` are the source's groups, named by module path.
+    """
+    root = _Node()
+    loose: dict[int, bool] = {}  # id(node) -> its subtree holds a group that is not fixed
+
+    def mark(node: _Node, value: bool) -> None:
+        loose[id(node)] = loose.get(id(node), False) or value
+
+    nodes_of_groups: list[tuple[_Node, Group]] = []
+    for g in groups:
+        node, path = root, []
+        for part in g.name.split(".") if g.name else []:
+            path.append(node)
+            node = node.children.setdefault(part, _Node())
+        nodes_of_groups.append((node, g))
+        for n in [*path, node]:
+            mark(n, not fixed(g))
+    own_loose = {id(node): not fixed(g) for node, g in nodes_of_groups}
+
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        names = list(node.children)
+        numbered = [n for n in names if _NUMBER.fullmatch(n)]
+        named = [n for n in names if not _NUMBER.fullmatch(n)]
+        patterns = {_NUMBER.sub("#", n) for n in names}
+        if len(names) > 1 and len(patterns) == 1 and "#" in next(iter(patterns)):
+            numbered, named = names, []  # stage1 ... stage10: one block, ordered naturally
+        units = [own_loose.get(id(node), False),
+                 any(loose.get(id(node.children[n]), False) for n in numbered),
+                 *(loose.get(id(node.children[n]), False) for n in named)]
+        if sum(units) > 1:
+            return False
+        stack.extend(node.children.values())
+    return True
+
+
 # --------------------------------------------------------------------------------------------------------------
 # alignment
 
 
-def align(source: Sequence[Group], target: Sequence[Group]) -> list[GroupMatch]:
+def align(source: Sequence[Group], target: Sequence[Group], *, cut_at_anchors: bool = True) -> list[GroupMatch]:
     """Pair target groups with source groups by structure; one `GroupMatch` per target group, in target order.
 
     See the module docstring for the rules. Nothing is guessed: a target group gets a source only when every
     optimal alignment (or, for "aligned+names", every optimal alignment that is also best on name similarity)
     gives it that source.
+
+    cut_at_anchors: False aligns everything that is not a unique-signature match as one region, so the
+        positions of the unique groups play no part at all: for a source whose order is known except where
+        its unique groups sit (`order_known`).
     """
     ids: dict[Signature, int] = {}
     ssig = [ids.setdefault(signature(g), len(ids)) for g in source]
@@ -231,7 +282,7 @@ def align(source: Sequence[Group], target: Sequence[Group]) -> list[GroupMatch]:
         result[t] = GroupMatch(t, s, [], "unique-signature")
         used[s] = 1
 
-    bounds = _increasing_chain(anchors) + [(len(target), len(source))]
+    bounds = (_increasing_chain(anchors) if cut_at_anchors else []) + [(len(target), len(source))]
     prev_t = prev_s = -1
     for bound_t, bound_s in bounds:
         region_t = [t for t in range(prev_t + 1, bound_t) if result[t] is None]
