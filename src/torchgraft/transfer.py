@@ -307,9 +307,7 @@ class _Planner:
             # `blocks.2` meets `blocks.2`, and load by position only under equal names.
             src_groups = groups_from_keys({k: free[k] for k in natural_order(free)})
             tgt_groups = groups_from_keys({k: self.tgt[k] for k in targets})
-            count = Counter(signature(g) for g in src_groups)
-            count_t = Counter(signature(g) for g in tgt_groups)
-            if order_known(src_groups, lambda g: count[signature(g)] == 1 and count_t[signature(g)] == 1):
+            if _order_recovered(src_groups, tgt_groups):
                 order_lost = False
                 matches = align(src_groups, tgt_groups, cut_at_anchors=False)
             else:
@@ -334,6 +332,50 @@ class _Planner:
                 s_key, t_key = _join(sg.name, s_name), _join(tg.name, t_name)
                 self._take(t_key, s_key, "structure",
                            note=f"module {sg.name or '(root)'} -> {tg.name or '(root)'} ({m.how})")
+
+    def stem(self) -> None:
+        """The first convolution when its input channels changed and its name did too (timm's `in_chans=4`
+        model from torchvision's file): the first convolution of each side, in module order, paired only when
+        every other dimension agrees and the modules right after them were matched to each other. It then goes
+        to the `input_channels` adapter, with its bias if it has one."""
+        name = self.first_conv
+        key = f"{name}.weight"
+        if name is None or key not in self.tgt or key in self.entries:
+            return
+        order = self._source_order()
+        t = self.tgt[key]
+        first = next((k for k in order or () if k.endswith(".weight") and len(self.src[k]) == len(t) >= 3), None)
+        if first is None or first in self.used or first in self.why_unused:
+            return
+        s = self.src[first]
+        if not (s[0] == t[0] and s[2:] == t[2:] and s[1] != t[1]):
+            return
+        s_module = first.rpartition(".")[0]
+        s_modules = list(dict.fromkeys(k.rpartition(".")[0] for k in order))
+        t_modules = list(dict.fromkeys(k.rpartition(".")[0] for k in self.tgt))
+        s_next = s_modules[s_modules.index(s_module) + 1: s_modules.index(s_module) + 2]
+        t_next = t_modules[t_modules.index(name) + 1: t_modules.index(name) + 2]
+        if not s_next or not t_next:
+            return
+        loaded_from = {e.source.rpartition(".")[0] for k, e in self.entries.items()
+                       if k.rpartition(".")[0] == t_next[0] and e.status == "loaded" and isinstance(e.source, str)}
+        if loaded_from != {s_next[0]}:
+            return  # nothing confirms that these two are the same place in the network
+        note = f"first convolution {s_module} -> {name}, as {s_next[0]} -> {t_next[0]} after it"
+        self._pair(key, first, "structure", note)
+        bias_s, bias_t = f"{s_module}.bias", f"{name}.bias"
+        if bias_t in self.tgt and bias_t not in self.entries and bias_s in self._free_sources() \
+                and self.src[bias_s] == self.tgt[bias_t]:
+            self._take(bias_t, bias_s, "structure", note)
+
+    def _source_order(self) -> list[str] | None:
+        """The source's keys in module order, or None when a string-sorted file lost an order that matters."""
+        keys = list(self.src)
+        if not _string_sorted(keys):
+            return keys
+        keys = natural_order(keys)
+        src_groups = groups_from_keys({k: self.src[k] for k in keys})
+        return keys if _order_recovered(src_groups, groups_from_keys(self.tgt)) else None
 
     def _leave_new(self, group: Group, note: str) -> None:
         for n, _ in group.tensors:
@@ -409,6 +451,20 @@ def _local(module: str) -> str:
     return module.rpartition(".")[2]
 
 
+def _order_recovered(src_groups: list[Group], tgt_groups: list[Group]) -> bool:
+    """Whether natural order gave a string-sorted source all the module order alignment needs: the only groups
+    that may still be out of place are those whose place does not matter — a signature unique on both sides
+    (matched wherever it stands) or absent from the target (never matched: an old head, a changed stem)."""
+    count_s = Counter(signature(g) for g in src_groups)
+    count_t = Counter(signature(g) for g in tgt_groups)
+
+    def placeless(g: Group) -> bool:
+        sig = signature(g)
+        return count_t[sig] == 0 or count_s[sig] == count_t[sig] == 1
+
+    return order_known(src_groups, placeless)
+
+
 def _string_sorted(keys: list[str]) -> bool:
     return len(keys) > 1 and keys == sorted(keys)
 
@@ -437,6 +493,7 @@ def plan(source: Source | str | os.PathLike[str], model: nn.Module, *, rules: An
     planner.exact()
     planner.prefixes()
     planner.structure()
+    planner.stem()
     planner.adapters()
     return planner.finish()
 

@@ -23,19 +23,22 @@ _tree = st.recursive(
 )
 
 
-def _build(tree, names_for) -> nn.Module:
+def _build(tree, names_for, changed: int = -1, leaves: list | None = None) -> nn.Module:
+    """The module tree; leaf number `changed` (in build order) gets a shape no other leaf has."""
+    leaves = [] if leaves is None else leaves
     kind, *rest = tree
     module = nn.Module()
     if kind == "leaf":
         shape_index, has_bias = rest
-        shape = SHAPES[shape_index]
+        shape = SHAPES[shape_index] if len(leaves) != changed else (5, 4)
+        leaves.append(module)
         module.weight = nn.Parameter(torch.randn(shape))
         if has_bias:
             module.bias = nn.Parameter(torch.randn(shape[0]))
         return module
     children = rest[0]
     for name, child in zip(names_for(kind, len(children)), children):
-        module.add_module(name, _build(child, names_for))
+        module.add_module(name, _build(child, names_for, changed, leaves))
     return module
 
 
@@ -50,11 +53,13 @@ def _target_names(kind: str, n: int) -> list[str]:
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tree=st.tuples(st.just("named"), st.lists(_tree, min_size=1, max_size=4)), seed=st.integers(0, 2**16))
-def test_whatever_loads_is_right(tmp_path_factory, fmt, tree, seed):
+@given(tree=st.tuples(st.just("named"), st.lists(_tree, min_size=1, max_size=4)), seed=st.integers(0, 2**16),
+       changed=st.integers(-1, 8))
+def test_whatever_loads_is_right(tmp_path_factory, fmt, tree, seed, changed):
+    """`changed`: one leaf of the target has another shape (a new head, a changed stem), or none does (-1)."""
     torch.manual_seed(seed)
     source = _build(tree, _source_names)
-    target = _build(tree, _target_names)
+    target = _build(tree, _target_names, changed)
     src_keys, tgt_keys = list(source.state_dict()), list(target.state_dict())
     truth = dict(zip(tgt_keys, src_keys))  # the same tree, built in the same order: position i is the same tensor
     path = tmp_path_factory.mktemp("src") / f"source.{fmt}"

@@ -425,3 +425,37 @@ def test_other_shape_changes_are_never_cropped(tmp_path):
     entry = report.entry("layer1.0.conv2.weight")
     assert entry.status == "new" and "not cropped" in entry.note
     assert any(u["key"] == "layer1.0.conv2.weight" and "does not fit" in u["why"] for u in report.unused_source)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_renamed_four_channel_stem_is_adapted(tmp_path, mobilenet_v2_path, fmt):
+    """timm's MobileNetV2 with 4 input channels and 21 classes from torchvision's file: every name differs, and
+    the stem's shape too. The first convolutions pair up because the modules right after them did."""
+    from safetensors.torch import save_file
+
+    from torchgraft.adapt import adapt_input_channels
+
+    state = torch.load(mobilenet_v2_path, weights_only=True)
+    path = mobilenet_v2_path
+    if fmt == "safetensors":
+        path = tmp_path / "mnv2.safetensors"
+        save_file(state, path)
+    model = timm.create_model("mobilenetv2_100", in_chans=4, num_classes=21)
+    report = transfer(path, model)
+    stem = report.entry("conv_stem.weight")
+    assert (stem.status, stem.adapter, stem.source) == ("adapted", "input_channels", "features.0.0.weight")
+    assert "features.0.1 -> bn1" in stem.note
+    assert torch.equal(model.conv_stem.weight.detach(), adapt_input_channels(state["features.0.0.weight"], 4))
+    assert {e.target for e in report.by_status("new")} == {"classifier.weight", "classifier.bias"}
+    assert len(report.by_status("loaded")) == 311
+
+
+def test_renamed_stem_without_a_matched_neighbour_stays_new(tmp_path, mobilenet_v2_path):
+    """Without the stem's BatchNorm in the file, nothing confirms that the first convolutions are the same
+    place in the network: the stem stays new."""
+    state = {k: v for k, v in torch.load(mobilenet_v2_path, weights_only=True).items()
+             if not k.startswith("features.0.1.")}
+    torch.save(state, tmp_path / "no-stem-bn.pth")
+    report = plan(tmp_path / "no-stem-bn.pth", timm.create_model("mobilenetv2_100", in_chans=4))
+    assert report.entry("conv_stem.weight").status == "new"
+    assert all(e.source != "features.0.0.weight" for e in report.entries)
