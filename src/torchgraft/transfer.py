@@ -13,11 +13,12 @@ is cropped silently. A tensor is loaded only when its source is unambiguous.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,7 +43,8 @@ from torchgraft.match.structure import (
 from torchgraft.summary import collapse_indices
 from torchgraft.numeric import check_tensor, describe_problems
 
-__all__ = ["Entry", "Report", "plan", "apply", "transfer", "meta_blockers", "BENIGN_NEW", "DTYPES"]
+__all__ = ["Entry", "Report", "plan", "apply", "transfer", "meta_blockers", "parameters_on_meta", "BENIGN_NEW",
+           "DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -676,12 +678,20 @@ def _cast_floating(model: nn.Module, report: Report, before: dict[str, torch.Ten
     model.to(dtype)
 
 
-def _initialiser(module: nn.Module) -> Callable[[], None] | None:
-    for name in ("reset_parameters", "_reset_parameters"):
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return fn
-    return None
+def _initialiser(module: nn.Module, root: nn.Module | None = None) -> Callable[[], None] | None:
+    """The module's own `reset_parameters`; in a Hugging Face model, followed by the model's `_init_weights`
+    for that module, so new tensors start as a normal build starts them (a classifier at N(0, 0.02))."""
+    reset = next((fn for name in ("reset_parameters", "_reset_parameters")
+                  if callable(fn := getattr(module, name, None))), None)
+    model_init = getattr(root, "_init_weights", None) if root is not None else None
+    if reset is None or not callable(model_init):
+        return reset
+
+    def reset_then_model_init() -> None:
+        reset()
+        model_init(module)
+
+    return reset_then_model_init
 
 
 def _materialise_new(model: nn.Module, report: Report, state: dict[str, torch.Tensor]) -> None:
@@ -719,7 +729,7 @@ def _materialise_new(model: nn.Module, report: Report, state: dict[str, torch.Te
         made = materialise(module, needed)
         if not made:
             continue
-        init = _initialiser(module)
+        init = _initialiser(module, model)
         if init is None:
             for t in made:
                 for e in keys_of.get(id(t), []):
@@ -741,6 +751,35 @@ def _materialise_new(model: nn.Module, report: Report, state: dict[str, torch.Te
                 init()
         log.debug("initialised %s (%s) on the CPU for the tensors it keeps new", name or "(root)",
                   type(module).__name__)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build a model whose parameters are on the meta device and whose buffers are real.
+
+    Each parameter moves to the meta device as it is registered, so the module's own initialisation (which
+    runs after) costs nothing, and a model is never held twice; buffers, computed at construction and often in
+    no checkpoint (Hugging Face `position_ids`, rotary `inv_freq`), are built as usual, and so is everything
+    else a factory computes (timm's `torch.linspace(...).tolist()` drop-path rates). This is what
+    `accelerate.init_empty_weights()` does for Hugging Face's `low_cpu_mem_usage`. Parameters a factory then
+    reads (`.item()` on a weight) raise, as on the meta device.
+
+        with parameters_on_meta():
+            model = AutoModelForSequenceClassification.from_config(config)
+        report = transfer("model.safetensors", model)   # loaded tensors assigned, new ones initialised
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta and not isinstance(param, nn.parameter.UninitializedParameter):
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def meta_blockers(model: nn.Module, report: Report) -> list[str]:

@@ -158,7 +158,13 @@ def build(classes=5):
 
 def build_with_item(classes=5):
     net = Net(classes)
-    net.depth = int(torch.tensor(len(net.body)).item())  # fails on the meta device
+    net.depth = int(torch.tensor(len(net.body)).item())  # fails on the meta device, not with parameters there
+    return net
+
+
+def build_reading_a_weight(classes=5):
+    net = Net(classes)
+    net.scale = float(net.head.weight.detach().abs().max())  # fails with parameters on the meta device
     return net
 
 
@@ -191,7 +197,8 @@ def test_transfer_builds_on_meta_and_writes_bfloat16(capsys, caplog, tmp_path):
     code, stdout, _ = run(capsys, "transfer", str(ckpt), "--model", f"{spec}:build", "--model-kwargs",
                           '{"classes": 3}', "--out", str(out), "--report", str(report), "--dtype", "bfloat16")
     assert code == 0 and "6 loaded" in stdout and "2 new" in stdout
-    assert "built on the meta device" in caplog.text and "filled on the meta device" in caplog.text
+    assert "built with its parameters on the meta device" in caplog.text
+    assert "filled on the meta device" in caplog.text
     written = load_file(out)
     assert {v.dtype for v in written.values()} == {torch.bfloat16}
     assert torch.equal(written["body.0.weight"], state["body.0.weight"].bfloat16())
@@ -201,12 +208,13 @@ def test_transfer_builds_on_meta_and_writes_bfloat16(capsys, caplog, tmp_path):
     assert notes["head.bias"].endswith("cast float32 -> bfloat16")
 
 
-def test_transfer_falls_back_to_a_normal_build(capsys, caplog, tmp_path):
+def test_transfer_builds_on_meta_where_it_can_else_normally(capsys, caplog, tmp_path):
     spec, ckpt, state = _nets(tmp_path)
     caplog.set_level(logging.DEBUG, logger="torchgraft")
-    for factory, said in (("build_with_item", "built normally, its factory fails on the meta device"),
-                          ("build_with_buffer", "built again normally, the meta-device model cannot receive this "
-                                                "checkpoint as well: table is a non-persistent buffer")):
+    for factory, said in (("build_reading_a_weight", "built normally, its factory fails with parameters on the "
+                                                     "meta device"),
+                          ("build_with_item", "filled on the meta device"),  # buffers and other tensors are real
+                          ("build_with_buffer", "filled on the meta device")):
         caplog.clear()
         out = tmp_path / f"{factory}.safetensors"
         code, stdout, _ = run(capsys, "transfer", str(ckpt), "--model", f"{spec}:{factory}", "--out", str(out))
@@ -248,3 +256,22 @@ def test_progress_bars_appear_only_after_the_delay():
     with ProgressBars(Console(file=quiet, force_terminal=True), delay=60) as bars:
         bars.bar("placing tensors")(10, 10)
     assert not bars.shown and quiet.getvalue() == ""
+
+
+def test_hugging_face_model_takes_the_low_memory_path(capsys, caplog, tmp_path, minilm_dir):
+    """BERT holds non-persistent buffers (`position_ids`): with only its parameters on the meta device it is
+    filled without a normal build, and the output equals what a normal build and load_state_dict give."""
+    caplog.set_level(logging.DEBUG, logger="torchgraft")
+    out = tmp_path / "bert3.safetensors"
+    kwargs = json.dumps({"config": str(minilm_dir), "num_labels": 3})
+    code, stdout, _ = run(capsys, "transfer", str(minilm_dir), "--model", "transformers:BertForSequenceClassification",
+                          "--model-kwargs", kwargs, "--out", str(out))
+    assert code == 0 and "filled on the meta device" in caplog.text and "built again normally" not in caplog.text
+    written = load_file(out)
+    source = load_file(minilm_dir / "model.safetensors")
+    loaded = [k for k in written if k.startswith("bert.") and k.removeprefix("bert.") in source]
+    assert len(loaded) >= 100
+    assert all(torch.equal(written[k], source[k.removeprefix("bert.")]) for k in loaded)
+    head = written["classifier.weight"]
+    assert head.shape == (3, 384) and 0.015 < float(head.std()) < 0.025  # as BERT's own init: N(0, 0.02)
+    assert not written["classifier.bias"].any()

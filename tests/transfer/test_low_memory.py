@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import torchgraft
-from torchgraft.transfer import apply, meta_blockers, plan, transfer
+from torchgraft.transfer import apply, meta_blockers, parameters_on_meta, plan, transfer
 
 
 class Net(nn.Module):
@@ -248,3 +248,23 @@ def test_a_reset_that_reads_loaded_tensors_gets_the_whole_module():
     assert report.entry("b").status == "new"
     assert torch.equal(model.a, state["a"])
     assert torch.equal(model.b, torch.ones(2))  # reset ran again with the whole module on the CPU
+
+
+def test_parameters_on_meta_keeps_buffers_real_and_is_undone(tmp_path):
+    state = trained(classes=5)
+    safetensors.torch.save_file(state, tmp_path / "net.safetensors")
+    with parameters_on_meta():
+        model = Net(classes=3)
+        model.register_buffer("steps", torch.arange(4), persistent=False)  # computed, in no checkpoint
+        lazy = nn.LazyLinear(4)
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers()) and torch.equal(model.steps, torch.arange(4))
+    assert not lazy.weight.is_meta  # uninitialised parameters are left alone
+    assert meta_blockers(model, plan(tmp_path / "net.safetensors", model)) == []
+    report = transfer(tmp_path / "net.safetensors", model)
+    assert not any(t.is_meta for t in model.state_dict().values())
+    assert torch.equal(model.norm.running_var, state["norm.running_var"])  # a real buffer, copied into
+    assert torch.equal(model.conv.weight, state["conv.weight"]) and report.entry("head.weight").status == "new"
+    with pytest.raises(RuntimeError, match="boom"), parameters_on_meta():
+        raise RuntimeError("boom")
+    assert not nn.Linear(2, 2).weight.is_meta  # registration is restored, also after an error

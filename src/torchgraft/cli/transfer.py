@@ -20,7 +20,7 @@ from torchgraft.io.read import load
 from torchgraft.io.write import atomic_write, refuse_same_path, save_safetensors
 from torchgraft.specs import build_model
 from torchgraft.summary import collapse_indices
-from torchgraft.transfer import DTYPES, Report, apply, meta_blockers, plan
+from torchgraft.transfer import DTYPES, Report, apply, meta_blockers, parameters_on_meta, plan
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,17 @@ def run_plan(source, model, model_kwargs, rules, key, source_classes, target_cla
 
 
 def build_target(spec: str, kwargs: str | dict | None) -> tuple[nn.Module, bool]:
-    """Build the model on the meta device (no memory, no initialisation); build it normally if its factory fails
-    there (some call `.item()` or `.tolist()` while building). Returns the model and whether it is on meta."""
+    """Build the model with its parameters on the meta device (no memory, no initialisation; buffers are built
+    as usual: `parameters_on_meta`); build it normally if its factory fails that way (one that reads a weight
+    while building). Returns the model and whether its parameters are on meta."""
     try:
-        with torch.device("meta"):
+        with parameters_on_meta():
             model = build_model(spec, kwargs)
     except Exception as exc:  # any failure: a normal build either works or raises the error the user should see
-        log.debug("%s: built normally, its factory fails on the meta device (%s: %s)", spec, type(exc).__name__,
-                  str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
+        log.debug("%s: built normally, its factory fails with parameters on the meta device (%s: %s)", spec,
+                  type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
         return build_model(spec, kwargs), False
-    log.debug("%s: built on the meta device", spec)
+    log.debug("%s: built with its parameters on the meta device", spec)
     return model, True
 
 
