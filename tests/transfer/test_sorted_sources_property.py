@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
-from torchgraft.transfer import plan
+from torchgraft.transfer import parameters_on_meta, transfer
 
 SHAPES = [(4, 4), (4,), (8, 4), (4, 8)]  # few shapes: many groups alike, as in real networks
 
@@ -54,18 +54,27 @@ def _target_names(kind: str, n: int) -> list[str]:
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tree=st.tuples(st.just("named"), st.lists(_tree, min_size=1, max_size=4)), seed=st.integers(0, 2**16),
-       changed=st.integers(-1, 8))
-def test_whatever_loads_is_right(tmp_path_factory, fmt, tree, seed, changed):
-    """`changed`: one leaf of the target has another shape (a new head, a changed stem), or none does (-1)."""
+       changed=st.integers(-1, 8), meta=st.booleans())
+def test_whatever_loads_is_right(tmp_path_factory, fmt, tree, seed, changed, meta):
+    """`changed`: one leaf of the target has another shape (a new head, a changed stem), or none does (-1).
+    `meta`: the target is built with its parameters on the meta device. Each tensor reported loaded holds
+    exactly its source tensor afterwards; the others are real tensors."""
     torch.manual_seed(seed)
     source = _build(tree, _source_names)
-    target = _build(tree, _target_names, changed)
+    if meta:
+        with parameters_on_meta():
+            target = _build(tree, _target_names, changed)
+    else:
+        target = _build(tree, _target_names, changed)
     src_keys, tgt_keys = list(source.state_dict()), list(target.state_dict())
     truth = dict(zip(tgt_keys, src_keys))  # the same tree, built in the same order: position i is the same tensor
     path = tmp_path_factory.mktemp("src") / f"source.{fmt}"
     state = {k: v.detach().contiguous() for k, v in source.state_dict().items()}
     save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
-    report = plan(path, target)
+    report = transfer(path, target)
+    after = target.state_dict()
     for entry in report.entries:
         if entry.status != "new":
             assert entry.source == truth[entry.target], (entry, sorted(src_keys))
+            assert torch.equal(after[entry.target], state[entry.source])
+    assert not any(t.is_meta for t in after.values())
