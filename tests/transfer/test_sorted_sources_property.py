@@ -78,3 +78,48 @@ def test_whatever_loads_is_right(tmp_path_factory, fmt, tree, seed, changed, met
             assert entry.source == truth[entry.target], (entry, sorted(src_keys))
             assert torch.equal(after[entry.target], state[entry.source])
     assert not any(t.is_meta for t in after.values())
+
+
+# Real layer types, so that the adapters' rules run too: the target's first convolution takes one more input
+# channel (a 4-channel stem from RGB weights), under other names.
+_LAYERS = [lambda: nn.Conv2d(3, 4, 3), lambda: nn.Conv2d(4, 4, 1), lambda: nn.BatchNorm2d(4),
+           lambda: nn.Conv2d(4, 8, 3, bias=False), lambda: nn.BatchNorm2d(8), lambda: nn.Linear(8, 4)]
+_layer_tree = st.recursive(
+    st.tuples(st.just("leaf"), st.integers(0, len(_LAYERS) - 1)),
+    lambda inner: st.tuples(st.sampled_from(["numbered", "named"]), st.lists(inner, min_size=1, max_size=4)),
+    max_leaves=12,
+)
+
+
+def _build_layers(tree, names_for, wider_stem: bool, seen: list | None = None) -> nn.Module:
+    seen = [] if seen is None else seen
+    kind, *rest = tree
+    if kind == "leaf":
+        layer = _LAYERS[rest[0]]()
+        if wider_stem and isinstance(layer, nn.Conv2d) and not any(isinstance(m, nn.Conv2d) for m in seen):
+            layer = nn.Conv2d(layer.in_channels + 1, layer.out_channels, layer.kernel_size,
+                              bias=layer.bias is not None)
+        seen.append(layer)
+        return layer
+    module = nn.Module()
+    for name, child in zip(names_for(kind, len(rest[0])), rest[0]):
+        module.add_module(name, _build_layers(child, names_for, wider_stem, seen))
+    return module
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=st.tuples(st.just("named"), st.lists(_layer_tree, min_size=2, max_size=4)), seed=st.integers(0, 2**16))
+def test_a_wider_stem_under_other_names_is_adapted_only_from_the_right_tensor(tmp_path_factory, fmt, tree, seed):
+    torch.manual_seed(seed)
+    source = _build_layers(tree, _source_names, wider_stem=False)
+    target = _build_layers(tree, _target_names, wider_stem=True)
+    src_keys, tgt_keys = list(source.state_dict()), list(target.state_dict())
+    truth = dict(zip(tgt_keys, src_keys))
+    path = tmp_path_factory.mktemp("src") / f"source.{fmt}"
+    state = {k: v.detach().contiguous() for k, v in source.state_dict().items()}
+    save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+    report = transfer(path, target)
+    for entry in report.entries:
+        if entry.status != "new":
+            assert entry.source == truth[entry.target], (entry, src_keys)
