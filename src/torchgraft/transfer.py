@@ -689,7 +689,11 @@ def _initialiser(module: nn.Module, root: nn.Module | None = None) -> Callable[[
 
     def reset_then_model_init() -> None:
         reset()
-        model_init(module)
+        try:
+            model_init(module)
+        except Exception as exc:  # written for a fully built model; reset_parameters has already initialised
+            log.debug("%s: the model's _init_weights failed on a partly loaded module (%s: %s); kept "
+                      "reset_parameters' values", type(module).__name__, type(exc).__name__, exc)
 
     return reset_then_model_init
 
