@@ -30,7 +30,7 @@ from torchgraft.classes import known_classes
 from torchgraft.errors import GraftError
 from torchgraft.io.pages import FileMaps
 from torchgraft.io.read import Source, load
-from torchgraft.match.names import Rules, best_prefixes, load_rules, strip_prefix
+from torchgraft.match.names import Rules, best_prefixes, load_rules, under_prefix
 from torchgraft.match.structure import (
     Group,
     align,
@@ -281,11 +281,11 @@ class _Planner:
         sp, tp, hits = best_prefixes(free, targets)
         if hits <= 0 or not (sp or tp):
             return
-        by_name = {strip_prefix(k, sp): k for k in free}
+        by_name = under_prefix(free, sp)  # a prefix renames its own subtree; names outside it stay for later
         parts = [f"source prefix {sp!r} removed" if sp else "", f"target prefix {tp!r} removed" if tp else ""]
         note = "; ".join(p for p in parts if p)
-        for t in targets:
-            s = by_name.get(strip_prefix(t, tp))
+        for rest, t in under_prefix(targets, tp).items():
+            s = by_name.get(rest)
             if s is not None and s not in self.used:
                 self._pair(t, s, "prefix", note)
 

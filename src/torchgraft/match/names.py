@@ -27,15 +27,16 @@ from typing import Any
 
 from torchgraft.errors import GraftError
 
-__all__ = ["Rules", "best_prefixes", "load_rules", "strip_prefix", "KNOWN_PREFIXES"]
+__all__ = ["Rules", "best_prefixes", "load_rules", "under_prefix", "KNOWN_PREFIXES"]
 
 #: Prefixes that wrappers and task heads put in front of a backbone's names, tried on both sides.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "base_model.", "net.", "bert.",
                   "roberta.", "vit.", "deit.", "swin.", "convnext.", "resnet.", "features.", "body.", "trunk.")
 
 
-def strip_prefix(key: str, prefix: str) -> str:
-    return key[len(prefix):] if prefix and key.startswith(prefix) else key
+def under_prefix(keys: Iterable[str], prefix: str) -> dict[str, str]:
+    """{name without `prefix`: name} for the names that start with it (every name when `prefix` is "")."""
+    return {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
 
 
 def _candidate_prefixes(keys: Iterable[str]) -> list[str]:
@@ -47,7 +48,7 @@ def _candidate_prefixes(keys: Iterable[str]) -> list[str]:
         for depth in (1, 2):
             if len(parts) > depth:
                 heads[".".join(parts[:depth]) + "."] += 1
-    frequent = [p for p, n in heads.items() if n >= max(2, (len(keys) + 1) // 2)]  # a wrapper wraps most keys
+    frequent = [p for p, n in heads.items() if n >= max(2, len(keys) // 10)]
     present = [p for p in KNOWN_PREFIXES if heads.get(p)]
     return [""] + list(dict.fromkeys(present + frequent))
 
@@ -56,25 +57,36 @@ def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tu
     """The (source prefix, target prefix) whose removal makes the most names match with equal shapes.
 
     Found by analysing the leading components of both sides, not only from a fixed list: known wrapper prefixes
-    (`module.`, `backbone.` ...) and leading components shared by at least half of a side's keys. A match
+    (`module.`, `backbone.` ...) and leading components shared by a tenth of a side's keys or more. A match
     counts only when what is left is still a module path and a tensor name (`layer1.0.conv1.weight`, not just
-    `weight`): stripping a whole module's path away says nothing about which module it was. Ties prefer
-    removing nothing. Returns the two prefixes and the number of matches they give.
+    `weight`): stripping a whole module's path away says nothing about which module it was. When two prefix
+    pairs give the most matches but pair the tensors differently (MoCo's `encoder_q.` and `encoder_k.`, two
+    copies of one network), neither is used: the answer is ambiguous. Among pairs that pair the tensors alike,
+    the shortest wins. Returns the two prefixes and the number of matches they give (0: none to remove).
     """
-    best = ("", "", -1)
+    best = ("", "", 0)
+    best_pairs: frozenset[tuple[str, str]] = frozenset()
+    ambiguous = False
     src_cands = _candidate_prefixes(source)
     tgt_cands = _candidate_prefixes(target)
     for sp in src_cands:
-        stripped = {strip_prefix(k, sp): shape for k, shape in source.items()}
+        stripped = under_prefix(source, sp)
         for tp in tgt_cands:
-            hits = 0
-            for k, shape in target.items():
-                rest = strip_prefix(k, tp)
-                if "." in rest and stripped.get(rest) == shape:
-                    hits += 1
-            if hits > best[2] or (hits == best[2] and len(sp) + len(tp) < len(best[0]) + len(best[1])):
-                best = (sp, tp, hits)
-    return best
+            pairs = []
+            for rest, k in under_prefix(target, tp).items():
+                hit = stripped.get(rest)
+                if "." in rest and hit is not None and source[hit] == target[k]:
+                    pairs.append((k, hit))
+            if not pairs or len(pairs) < best[2]:
+                continue
+            found = frozenset(pairs)
+            if len(pairs) > best[2]:
+                best, best_pairs, ambiguous = (sp, tp, len(pairs)), found, False
+            elif found != best_pairs:
+                ambiguous = True
+            elif len(sp) + len(tp) < len(best[0]) + len(best[1]):
+                best = (sp, tp, len(pairs))
+    return ("", "", 0) if ambiguous else best
 
 
 # ---- rules ------------------------------------------------------------------------------------------------
