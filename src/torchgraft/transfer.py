@@ -17,6 +17,7 @@ import contextlib
 import fnmatch
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -205,6 +206,7 @@ class _Planner:
         self.used: set[str] = set()
         self.why_unused: dict[str, str] = {}
         self.mismatched: list[tuple[str, str, str, str]] = []  # (target, source, method, note)
+        self.prefix_warning: str | None = None
 
     # -- helpers
     def _free_targets(self) -> list[str]:
@@ -278,8 +280,15 @@ class _Planner:
         targets = {t: self.tgt[t] for t in self._free_targets()}
         if not free or not targets:
             return
-        sp, tp, hits = best_prefixes(free, targets)
-        if hits <= 0 or not (sp or tp):
+        choice = best_prefixes(free, targets)
+        if choice.rivals:
+            shown = " and ".join(f"{sp or '(none)'!r} -> {tp or '(none)'!r}" for sp, tp in choice.rivals[:3])
+            sp, tp = choice.rivals[0]
+            self.prefix_warning = (
+                f"prefixes {shown} fit equally well but pair the tensors differently (two copies of one network?); "
+                f"none was used. Choose with a rule, e.g. rename: {{'re:^{re.escape(sp)}': '{tp}'}}")
+        sp, tp = choice.source, choice.target
+        if choice.hits <= 0 or not (sp or tp):
             return
         by_name = under_prefix(free, sp)  # a prefix renames its own subtree; names outside it stay for later
         parts = [f"source prefix {sp!r} removed" if sp else "", f"target prefix {tp!r} removed" if tp else ""]
@@ -442,6 +451,8 @@ class _Planner:
             unused.append({"key": k, "why": self.why_unused.get(k, "no target tensor matches its name or structure")})
         report = Report(source=self.source.path, target=type(self.model).__name__, entries=entries,
                         unused_source=unused, target_numel=self.tgt_numel)
+        if self.prefix_warning:
+            report.warnings.append(self.prefix_warning)
         if report.loaded_fraction < LOW_OVERLAP:
             report.warnings.append(
                 f"only {report.loaded_fraction:.1%} of the target's values come from {self.source.path}: is this the "

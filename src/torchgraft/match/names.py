@@ -27,7 +27,7 @@ from typing import Any
 
 from torchgraft.errors import GraftError
 
-__all__ = ["Rules", "best_prefixes", "load_rules", "under_prefix", "KNOWN_PREFIXES"]
+__all__ = ["Rules", "PrefixChoice", "best_prefixes", "load_rules", "under_prefix", "KNOWN_PREFIXES"]
 
 #: Prefixes that wrappers and task heads put in front of a backbone's names, tried on both sides.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "base_model.", "net.", "bert.",
@@ -53,7 +53,18 @@ def _candidate_prefixes(keys: Iterable[str]) -> list[str]:
     return [""] + list(dict.fromkeys(present + frequent))
 
 
-def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tuple[int, ...]]) -> tuple[str, str, int]:
+@dataclass
+class PrefixChoice:
+    """What prefix analysis found: the prefixes to remove (both "" when none), how many names they match, and,
+    when several pairs matched as many names but paired them differently, those pairs (then none is used)."""
+
+    source: str = ""
+    target: str = ""
+    hits: int = 0
+    rivals: list[tuple[str, str]] = field(default_factory=list)
+
+
+def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tuple[int, ...]]) -> PrefixChoice:
     """The (source prefix, target prefix) whose removal makes the most names match with equal shapes.
 
     Found by analysing the leading components of both sides, not only from a fixed list: known wrapper prefixes
@@ -61,12 +72,11 @@ def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tu
     counts only when what is left is still a module path and a tensor name (`layer1.0.conv1.weight`, not just
     `weight`): stripping a whole module's path away says nothing about which module it was. When two prefix
     pairs give the most matches but pair the tensors differently (MoCo's `encoder_q.` and `encoder_k.`, two
-    copies of one network), neither is used: the answer is ambiguous. Among pairs that pair the tensors alike,
-    the shortest wins. Returns the two prefixes and the number of matches they give (0: none to remove).
+    copies of one network), neither is used and both are returned as `rivals`. Among pairs that pair the
+    tensors alike, the shortest wins.
     """
-    best = ("", "", 0)
+    best = PrefixChoice()
     best_pairs: frozenset[tuple[str, str]] = frozenset()
-    ambiguous = False
     src_cands = _candidate_prefixes(source)
     tgt_cands = _candidate_prefixes(target)
     for sp in src_cands:
@@ -77,16 +87,18 @@ def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tu
                 hit = stripped.get(rest)
                 if "." in rest and hit is not None and source[hit] == target[k]:
                     pairs.append((k, hit))
-            if not pairs or len(pairs) < best[2]:
+            if not pairs or len(pairs) < best.hits:
                 continue
             found = frozenset(pairs)
-            if len(pairs) > best[2]:
-                best, best_pairs, ambiguous = (sp, tp, len(pairs)), found, False
+            if len(pairs) > best.hits:
+                best, best_pairs = PrefixChoice(sp, tp, len(pairs), [(sp, tp)]), found
             elif found != best_pairs:
-                ambiguous = True
-            elif len(sp) + len(tp) < len(best[0]) + len(best[1]):
-                best = (sp, tp, len(pairs))
-    return ("", "", 0) if ambiguous else best
+                best.rivals.append((sp, tp))
+            elif len(sp) + len(tp) < len(best.source) + len(best.target):
+                best.source, best.target, best.rivals[0] = sp, tp, (sp, tp)
+    if len(best.rivals) > 1:
+        return PrefixChoice(rivals=best.rivals)
+    return PrefixChoice(best.source, best.target, best.hits)
 
 
 # ---- rules ------------------------------------------------------------------------------------------------
