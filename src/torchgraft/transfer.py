@@ -19,7 +19,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -305,26 +305,20 @@ class _Planner:
             return
         # Module classes are not compared: libraries name the same computation differently (BatchNorm2d in
         # torchvision, BatchNormAct2d in timm); shapes and local tensor names decide.
+        # A file stored with keys sorted as strings (safetensors) has lost its module order. natural_order puts
+        # numbered modules back in order; when that is the whole order that matters (`order_known`), align
+        # against the model's own order, leaving out the positions of the groups a sort may have moved (their
+        # place does not matter). Otherwise put both sides in the same canonical order, so that `blocks.2`
+        # meets `blocks.2`, and load by position only under equal names.
         order_lost = _string_sorted(list(self.src))
-        if not order_lost:
-            src_groups = groups_from_keys({k: free[k] for k in free})
-            tgt_groups = groups_from_keys({k: self.tgt[k] for k in targets})
-            matches = align(src_groups, tgt_groups)
-        else:
-            # A file stored with keys sorted as strings (safetensors) has lost its module order. natural_order
-            # puts numbered modules back in order; when that is the whole order that matters (`order_known`),
-            # align against the model's own order, leaving out the positions of unique groups, which are the
-            # only ones a sort may have moved. Otherwise put both sides in the same canonical order, so that
-            # `blocks.2` meets `blocks.2`, and load by position only under equal names.
-            src_groups = groups_from_keys({k: free[k] for k in natural_order(free)})
-            tgt_groups = groups_from_keys({k: self.tgt[k] for k in targets})
-            if _order_recovered(src_groups, tgt_groups):
-                order_lost = False
-                matches = align(src_groups, tgt_groups, cut_at_anchors=False)
-            else:
-                tgt_groups = groups_from_keys({k: self.tgt[k] for k in natural_order(sorted(targets))})
-                matches = align(src_groups, tgt_groups)
-        for m in matches:
+        src_groups = groups_from_keys({k: free[k] for k in (natural_order(free) if order_lost else free)})
+        tgt_groups = groups_from_keys({k: self.tgt[k] for k in targets})
+        cut_at_anchors = True
+        if order_lost and _order_recovered(src_groups, tgt_groups):
+            order_lost = cut_at_anchors = False
+        elif order_lost:
+            tgt_groups = groups_from_keys({k: self.tgt[k] for k in natural_order(sorted(targets))})
+        for m in align(src_groups, tgt_groups, cut_at_anchors=cut_at_anchors):
             tg = tgt_groups[m.target]
             if m.source is None:
                 if m.candidates:
@@ -362,17 +356,14 @@ class _Planner:
         if not (s[0] == t[0] and s[2:] == t[2:] and s[1] != t[1]):
             return
         s_module = first.rpartition(".")[0]
-        s_modules = list(dict.fromkeys(k.rpartition(".")[0] for k in order))
-        t_modules = list(dict.fromkeys(k.rpartition(".")[0] for k in self.tgt))
-        s_next = s_modules[s_modules.index(s_module) + 1: s_modules.index(s_module) + 2]
-        t_next = t_modules[t_modules.index(name) + 1: t_modules.index(name) + 2]
-        if not s_next or not t_next:
+        s_next, t_next = _module_after(order, s_module), _module_after(self.tgt, name)
+        if s_next is None or t_next is None:
             return
         loaded_from = {e.source.rpartition(".")[0] for k, e in self.entries.items()
-                       if k.rpartition(".")[0] == t_next[0] and e.status == "loaded" and isinstance(e.source, str)}
-        if loaded_from != {s_next[0]}:
+                       if k.rpartition(".")[0] == t_next and e.status == "loaded" and isinstance(e.source, str)}
+        if loaded_from != {s_next}:
             return  # nothing confirms that these two are the same place in the network
-        note = f"first convolution {s_module} -> {name}, as {s_next[0]} -> {t_next[0]} after it"
+        note = f"first convolution {s_module} -> {name}, as {s_next} -> {t_next} after it"
         self._pair(key, first, "structure", note)
         bias_s, bias_t = f"{s_module}.bias", f"{name}.bias"
         if bias_t in self.tgt and bias_t not in self.entries and bias_s in self._free_sources() \
@@ -462,6 +453,13 @@ class _Planner:
 
 def _local(module: str) -> str:
     return module.rpartition(".")[2]
+
+
+def _module_after(keys: Iterable[str], module: str) -> str | None:
+    """The module whose tensors come next after `module`'s among `keys` (tensor names in module order)."""
+    modules = list(dict.fromkeys(k.rpartition(".")[0] for k in keys))
+    i = modules.index(module) + 1
+    return modules[i] if i < len(modules) else None
 
 
 def _order_recovered(src_groups: list[Group], tgt_groups: list[Group]) -> bool:

@@ -23,23 +23,53 @@ _tree = st.recursive(
 )
 
 
-def _build(tree, names_for, changed: int = -1, leaves: list | None = None, depth: int = 0) -> nn.Module:
-    """The module tree; leaf number `changed` (in build order) gets a shape no other leaf has."""
-    leaves = [] if leaves is None else leaves
+def _edited(tree, remove: int = -1, insert: int = -1, insert_shape: int = 0, changed: int = -1,
+            counter: list[int] | None = None) -> list:
+    """The tree's nodes, leaves numbered in build order and carrying that number as an id (so the same leaf can
+    be found on both sides): leaf `remove` left out, a new leaf (id None) after leaf `insert`, and leaf
+    `changed` given a shape no other leaf has."""
+    counter = [0] if counter is None else counter
     kind, *rest = tree
-    module = nn.Module()
     if kind == "leaf":
-        shape_index, has_bias = rest
-        shape = SHAPES[shape_index] if len(leaves) != changed else (5, 4)
-        leaves.append(module)
+        i = counter[0]
+        counter[0] += 1
+        shape = (5, 4) if i == changed else SHAPES[rest[0]]
+        nodes = [] if i == remove else [("leaf", shape, rest[1], i)]
+        return nodes + ([("leaf", SHAPES[insert_shape], False, None)] if i == insert else [])
+    return [(kind, [node for child in rest[0]
+                    for node in _edited(child, remove, insert, insert_shape, changed, counter)])]
+
+
+def _build(node, names_for, ids: dict, path: str = "", depth: int = 0) -> nn.Module:
+    """The module tree of `_edited` nodes; `ids` receives each leaf module's path and id."""
+    module = nn.Module()
+    if node[0] == "leaf":
+        _, shape, has_bias, leaf_id = node
         module.weight = nn.Parameter(torch.randn(shape))
         if has_bias:
             module.bias = nn.Parameter(torch.randn(shape[0]))
+        ids[path] = leaf_id
         return module
-    children = rest[0]
+    kind, children = node
     for name, child in zip(names_for(kind, len(children), depth), children):
-        module.add_module(name, _build(child, names_for, changed, leaves, depth + 1))
+        module.add_module(name, _build(child, names_for, ids, f"{path}.{name}" if path else name, depth + 1))
     return module
+
+
+def _save(source: nn.Module, tmp_path_factory, fmt: str):
+    """The source's state as safetensors (keys sorted) or a torch file (order kept): its path and the state."""
+    path = tmp_path_factory.mktemp("src") / f"source.{fmt}"
+    state = {k: v.detach().contiguous() for k, v in source.state_dict().items()}
+    save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+    return path, state
+
+
+def _expected_source(target_key: str, tgt_ids: dict, src_ids: dict) -> str | None:
+    """The source tensor that holds the same leaf's tensor, or None for a leaf the source does not have."""
+    module, _, local = target_key.rpartition(".")
+    leaf_id = tgt_ids[module]
+    path_of = {i: p for p, i in src_ids.items()}
+    return None if leaf_id is None else f"{path_of[leaf_id]}.{local}"
 
 
 def _source_names(kind: str, n: int, depth: int = 0) -> list[str]:
@@ -68,22 +98,21 @@ def test_whatever_loads_is_right(tmp_path_factory, fmt, tree, seed, changed, met
     afterwards; the others are real tensors."""
     names = _top_renamed if top_only else _target_names
     torch.manual_seed(seed)
-    source = _build(tree, _source_names)
+    (source_tree,), (target_tree,) = _edited(tree), _edited(tree, changed=changed)
+    src_ids: dict[str, int] = {}
+    tgt_ids: dict[str, int | None] = {}
+    source = _build(source_tree, _source_names, src_ids)
     if meta:
         with parameters_on_meta():
-            target = _build(tree, names, changed)
+            target = _build(target_tree, names, tgt_ids)
     else:
-        target = _build(tree, names, changed)
-    src_keys, tgt_keys = list(source.state_dict()), list(target.state_dict())
-    truth = dict(zip(tgt_keys, src_keys))  # the same tree, built in the same order: position i is the same tensor
-    path = tmp_path_factory.mktemp("src") / f"source.{fmt}"
-    state = {k: v.detach().contiguous() for k, v in source.state_dict().items()}
-    save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+        target = _build(target_tree, names, tgt_ids)
+    path, state = _save(source, tmp_path_factory, fmt)
     report = transfer(path, target)
     after = target.state_dict()
     for entry in report.entries:
         if entry.status != "new":
-            assert entry.source == truth[entry.target], (entry, sorted(src_keys))
+            assert entry.source == _expected_source(entry.target, tgt_ids, src_ids), (entry, sorted(state))
             assert torch.equal(after[entry.target], state[entry.source])
     assert not any(t.is_meta for t in after.values())
 
@@ -122,46 +151,15 @@ def test_a_wider_stem_under_other_names_is_adapted_only_from_the_right_tensor(tm
     torch.manual_seed(seed)
     source = _build_layers(tree, _source_names, wider_stem=False)
     target = _build_layers(tree, _target_names, wider_stem=True)
-    src_keys, tgt_keys = list(source.state_dict()), list(target.state_dict())
-    truth = dict(zip(tgt_keys, src_keys))
-    path = tmp_path_factory.mktemp("src") / f"source.{fmt}"
-    state = {k: v.detach().contiguous() for k, v in source.state_dict().items()}
-    save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+    truth = dict(zip(target.state_dict(), source.state_dict()))  # the same tree in the same order
+    path, state = _save(source, tmp_path_factory, fmt)
     report = transfer(path, target)
     for entry in report.entries:
         if entry.status != "new":
-            assert entry.source == truth[entry.target], (entry, src_keys)
+            assert entry.source == truth[entry.target], (entry, list(state))
 
 
 # ---- a block inserted or removed ------------------------------------------------------------------------------
-
-
-def _edited(tree, remove: int, insert: int, insert_shape: int, counter: list[int]) -> list:
-    """The tree's nodes with leaf number `remove` left out and a new leaf (id None) after leaf number `insert`;
-    leaves carry their number as an id, so that the same leaf can be found on both sides."""
-    kind, *rest = tree
-    if kind == "leaf":
-        i = counter[0]
-        counter[0] += 1
-        nodes = [] if i == remove else [("leaf", rest[0], rest[1], i)]
-        return nodes + ([("leaf", insert_shape, False, None)] if i == insert else [])
-    return [(kind, [node for child in rest[0] for node in _edited(child, remove, insert, insert_shape, counter)])]
-
-
-def _build_ids(node, names_for, ids: dict, path: str = "", depth: int = 0) -> nn.Module:
-    module = nn.Module()
-    if node[0] == "leaf":
-        _, shape_index, has_bias, leaf_id = node
-        shape = SHAPES[shape_index]
-        module.weight = nn.Parameter(torch.randn(shape))
-        if has_bias:
-            module.bias = nn.Parameter(torch.randn(shape[0]))
-        ids[path] = leaf_id
-        return module
-    kind, children = node
-    for name, child in zip(names_for(kind, len(children), depth), children):
-        module.add_module(name, _build_ids(child, names_for, ids, f"{path}.{name}" if path else name, depth + 1))
-    return module
 
 
 def _lettered_names(kind: str, n: int, depth: int = 0) -> list[str]:
@@ -182,22 +180,17 @@ def test_with_a_block_inserted_or_removed_whatever_loads_is_right(tmp_path_facto
     (Removing one leaf and inserting another of the same shape in its place is a rename as far as any file can
     tell, so the two edits are not combined.)"""
     torch.manual_seed(seed)
-    (source_tree,) = _edited(tree, -1, -1, 0, [0])
     remove, insert = (at, -1) if edit == "remove" else (-1, at)
-    (target_tree,) = _edited(tree, remove, insert, insert_shape, [0])
+    (source_tree,), (target_tree,) = _edited(tree), _edited(tree, remove, insert, insert_shape)
     src_ids: dict[str, int] = {}
     tgt_ids: dict[str, int | None] = {}
-    source = _build_ids(source_tree, _source_names, src_ids)
-    target = _build_ids(target_tree, _lettered_names, tgt_ids)
-    path_of = {leaf_id: path for path, leaf_id in src_ids.items()}
-    path = tmp_path_factory.mktemp("src") / f"source.{fmt}"
-    state = {k: v.detach().contiguous() for k, v in source.state_dict().items()}
-    save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+    source = _build(source_tree, _source_names, src_ids)
+    target = _build(target_tree, _lettered_names, tgt_ids)
+    path, _ = _save(source, tmp_path_factory, fmt)
     report = transfer(path, target)
     for entry in report.entries:
         if entry.status == "new":
             continue
-        module, _, local = entry.target.rpartition(".")
-        leaf_id = tgt_ids[module]
-        assert leaf_id is not None, entry  # the inserted leaf has no source
-        assert entry.source == f"{path_of[leaf_id]}.{local}", entry
+        expected = _expected_source(entry.target, tgt_ids, src_ids)
+        assert expected is not None, entry  # the inserted leaf has no source
+        assert entry.source == expected, entry

@@ -44,7 +44,8 @@ the source.
 
 Big checkpoints cost about one copy of memory: the model is built with its parameters on the meta device (no
 memory, no random initialisation; buffers as usual, so Hugging Face models too), receives the checkpoint's
-tensors as views of the file, initialises only what stays new, and is written tensor by tensor. Loaded tensors take the model's dtype unless --dtype names one for all.
+tensors as views of the file, initialises only what stays new, and is written tensor by tensor. Loaded
+tensors take the model's dtype unless --dtype names one for all.
 
 Examples:
   graft transfer resnet18.pth --model torchvision:resnet18 --model-kwargs '{"num_classes": 21}' \\

@@ -173,11 +173,29 @@ def _sibling_order(names: list[str]) -> list[str]:
             elif n == numeric[0]:
                 out.extend(block)
         return out
-    if len(names) > 1 and names == sorted(names):  # string order: maybe from a string sort
-        patterns = {_NUMBER.sub("#", n) for n in names}
-        if len(patterns) == 1 and "#" in next(iter(patterns)):
-            return sorted(names, key=_natural_key)
+    if names == sorted(names) and _one_numbered_pattern(names):  # string order: maybe from a string sort
+        return sorted(names, key=_natural_key)
     return names
+
+
+def _one_numbered_pattern(names: list[str]) -> bool:
+    """Several names that differ only in their numbers (`stage1`, `stage2`, `stage10`)."""
+    patterns = {_NUMBER.sub("#", n) for n in names}
+    return len(names) > 1 and len(patterns) == 1 and "#" in next(iter(patterns))
+
+
+def _tree(keys: Iterable[str]) -> _Node:
+    """Dotted keys as a tree of their components; each key's node holds it (the key "" is the root's)."""
+    root = _Node()
+    for key in keys:
+        node = root
+        for part in key.split(".") if key else []:
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Node()
+            node = child
+        node.key = key
+    return root
 
 
 def natural_order(keys: Iterable[str]) -> list[str]:
@@ -189,17 +207,8 @@ def natural_order(keys: Iterable[str]) -> list[str]:
     naturally; any other children keep their first-occurrence order, so keys already in module order come back
     unchanged. Each key is returned once.
     """
-    root = _Node()
-    for key in keys:
-        node = root
-        for part in key.split("."):
-            child = node.children.get(part)
-            if child is None:
-                child = node.children[part] = _Node()
-            node = child
-        node.key = key
     out: list[str] = []
-    stack = [root]
+    stack = [_tree(keys)]
     while stack:
         node = stack.pop()
         if node.key is not None:
@@ -216,39 +225,25 @@ def order_known(groups: Sequence[Group], fixed: Callable[[Group], bool]) -> bool
     `bn1`, `conv1`); numbered siblings (`0` ... `10`, or `stage1` ... `stage10` when every sibling has that one
     pattern) are put back in order. Under each module, the *units* are: its own tensors, the numbered children
     as one block, and each named child. The order is known when under every module at most one unit holds a
-    group that is not `fixed` (a group matched wherever it stands: its signature is unique on both sides), so
+    group that is not `fixed` (one whose place does not matter, e.g. its signature is unique on both sides), so
     torchvision's `features.N` + `classifier` is known, and a ResNet block's `conv1`, `bn1`, `conv2` is not.
     `groups` are the source's groups, named by module path.
     """
-    root = _Node()
-    loose: dict[int, bool] = {}  # id(node) -> its subtree holds a group that is not fixed
-
-    def mark(node: _Node, value: bool) -> None:
-        loose[id(node)] = loose.get(id(node), False) or value
-
-    nodes_of_groups: list[tuple[_Node, Group]] = []
-    for g in groups:
-        node, path = root, []
-        for part in g.name.split(".") if g.name else []:
-            path.append(node)
-            node = node.children.setdefault(part, _Node())
-        nodes_of_groups.append((node, g))
-        for n in [*path, node]:
-            mark(n, not fixed(g))
-    own_loose = {id(node): not fixed(g) for node, g in nodes_of_groups}
-
+    root = _tree(g.name for g in groups)
+    loose_names = {g.name for g in groups if not fixed(g)}
+    loose: set[int] = {id(root)} if loose_names else set()  # ids of nodes whose subtree holds a loose group
+    for name in loose_names:
+        node = root
+        for part in name.split(".") if name else []:
+            node = node.children[part]
+            loose.add(id(node))
     stack = [root]
     while stack:
         node = stack.pop()
         names = list(node.children)
-        numbered = [n for n in names if _NUMBER.fullmatch(n)]
-        named = [n for n in names if not _NUMBER.fullmatch(n)]
-        patterns = {_NUMBER.sub("#", n) for n in names}
-        if len(names) > 1 and len(patterns) == 1 and "#" in next(iter(patterns)):
-            numbered, named = names, []  # stage1 ... stage10: one block, ordered naturally
-        units = [own_loose.get(id(node), False),
-                 any(loose.get(id(node.children[n]), False) for n in numbered),
-                 *(loose.get(id(node.children[n]), False) for n in named)]
+        block = set(names) if _one_numbered_pattern(names) else {n for n in names if _NUMBER.fullmatch(n)}
+        units = [node.key in loose_names, any(id(node.children[n]) in loose for n in block),
+                 *(id(node.children[n]) in loose for n in names if n not in block)]
         if sum(units) > 1:
             return False
         stack.extend(node.children.values())
