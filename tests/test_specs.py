@@ -55,6 +55,18 @@ def test_errors_say_what_to_do(spec, kwargs, match):
         build_model(spec, kwargs)
 
 
+def test_a_file_python_cannot_load_is_a_spec_error(tmp_path, monkeypatch):
+    """Where the import system finds no loader for a .py file, the spec says so (a real check, not an assert)."""
+    import importlib.util
+
+    path = tmp_path / "my_net.py"
+    path.write_text("def build():\n    raise AssertionError('never imported')\n")
+    monkeypatch.setattr(importlib.util, "spec_from_file_location", lambda *args, **kwargs: None)
+    with pytest.raises(SpecError, match=r"my_net\.py:build': Python has no loader for .*my_net\.py; expected a "
+                       r"Python source file \(path/to/file\.py:factory\)\. Nothing was imported\."):
+        build_model(f"{path}:build")
+
+
 def test_kwargs_must_be_a_json_object():
     assert parse_kwargs('{"a": 1}') == {"a": 1}
     with pytest.raises(SpecError, match=r"not valid JSON"):

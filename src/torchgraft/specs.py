@@ -153,7 +153,9 @@ def _resolve(where: str, name: str, spec: str) -> Any:
             raise SpecError(f"model spec {spec!r}: file {where} does not exist; expected path/to/file.py:factory.")
         module_name = f"torchgraft_user_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
-        assert module_spec is not None and module_spec.loader is not None
+        if module_spec is None or module_spec.loader is None:
+            raise SpecError(f"model spec {spec!r}: Python has no loader for {where}; expected a Python source file "
+                            "(path/to/file.py:factory). Nothing was imported.")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
         module_spec.loader.exec_module(module)

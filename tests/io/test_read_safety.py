@@ -18,6 +18,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -472,6 +473,35 @@ def test_bad_shard_indexes(tmp_path):
                                                 "extra.weight": "model-00001-of-00001.safetensors"}}))
     _raises(index, r"1 tensors in the index are in no shard \(first: extra\.weight\)")
     _raises(tmp_path, r"model\.safetensors\.index\.json: 1 tensors in the index")  # the same through the folder
+
+
+@pytest.mark.parametrize("index, found", [
+    ([1, 2], r"found a JSON list\."),
+    ({"weight_map": ["model-00001-of-00001.safetensors"]}, r"found a \"weight_map\" that is a list\."),
+    ({"weight_map": "model-00001-of-00001.safetensors"}, r"found a \"weight_map\" that is a string\."),
+    ({"weight_map": None}, r"found a \"weight_map\" that is a null\."),
+    ({"weight_map": {"0.weight": 7}}, r"found '0\.weight' -> a number where a shard file name belongs\."),
+    ({"weight_map": {"0.weight": ["a.safetensors"]}}, r"found '0\.weight' -> a list where a shard file name"),
+], ids=["list", "map-list", "map-string", "map-null", "shard-number", "shard-list"])
+def test_shard_index_of_the_wrong_shape(tmp_path, index, found):
+    safetensors.torch.save_file(tiny_state(), tmp_path / "model-00001-of-00001.safetensors")
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    error = _raises(path, r"not a shard index; expected JSON with a \"weight_map\" of tensor name -> shard file, "
+                    + found)
+    assert "Nothing was loaded; pass a shard file itself" in str(error)
+
+
+def test_shard_index_checks_hold_under_python_O(tmp_path):
+    """The checks are real checks, not asserts: `python -O` (which drops asserts) reports the same error."""
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": ["model-00001-of-00001.safetensors"]}))
+    code = ("import sys, torchgraft\n"
+            "try:\n    torchgraft.load(sys.argv[1])\n"
+            "except torchgraft.CheckpointError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-O", "-c", code, str(index)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not a shard index" in proc.stdout and "that is a list" in proc.stdout, proc.stdout
 
 
 def test_files_that_hold_no_weights(tmp_path):

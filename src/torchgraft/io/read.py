@@ -545,15 +545,38 @@ class _Renamed(Mapping[str, torch.Tensor]):
         return len(self._origin)
 
 
-def _load_index(p: Path, key: str | None = None) -> Source:
+def _read_index(p: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A shard index and its weight map (tensor name -> shard file name), checked."""
     try:
         index = json.loads(p.read_text())
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-    except (OSError, ValueError, RecursionError, KeyError, TypeError, AssertionError):
-        raise CheckpointError(
-            f"{p}: not a shard index; expected JSON with a \"weight_map\" of tensor name -> shard file."
-        ) from None
+    except (OSError, ValueError, RecursionError):
+        raise _not_an_index(p, "text that is not readable JSON") from None
+    if not isinstance(index, dict):
+        raise _not_an_index(p, f"a JSON {_json_kind(index)}")
+    if "weight_map" not in index:
+        raise _not_an_index(p, "an object without a \"weight_map\" key")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise _not_an_index(p, f"a \"weight_map\" that is a {_json_kind(weight_map)}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise _not_an_index(p, f"{name!r} -> a {_json_kind(shard)} where a shard file name belongs")
+    return index, weight_map
+
+
+def _not_an_index(p: Path, found: str) -> CheckpointError:
+    return CheckpointError(f"{p}: not a shard index; expected JSON with a \"weight_map\" of tensor name -> shard "
+                           f"file, found {found}. Nothing was loaded; pass a shard file itself, or write the index "
+                           "again (`save_pretrained` writes one).")
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _load_index(p: Path, key: str | None = None) -> Source:
+    index, weight_map = _read_index(p)
     shards = {name: p.parent / name for name in dict.fromkeys(weight_map.values())}
     for name, shard in shards.items():
         if Path(name).is_absolute() or ".." in Path(name).parts or not shard.is_file():
