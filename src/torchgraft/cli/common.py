@@ -40,9 +40,7 @@ def human(n: int) -> str:
     return str(n)
 
 
-# ---- freezing flags (graft inspect; graft finetune reuses them) --------------------------------------------
-
-FREEZE_FLAGS = ("freeze", "unfreeze", "train_bn")
+# ---- freezing flags (graft inspect) ------------------------------------------------------------------------
 
 
 def add_freeze_arguments(parser) -> None:

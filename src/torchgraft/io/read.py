@@ -33,7 +33,6 @@ from torchgraft.io.unpickle import Placeholder, unpickle_legacy, unpickle_zip
 
 __all__ = ["Source", "TensorInfo", "load", "WRAPPER_KEYS", "WRAPPER_PREFIXES"]
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".pkl", ".model")
 #: Keys under which training checkpoints keep the weights, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params",
                 "ema", "model_ema", "state_dict_ema", "ema_state_dict")

@@ -39,10 +39,11 @@ def list_images(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 @dataclass
 class Splits:
+    """Class names, and (path, class index) for the training and the validation images."""
+
     classes: list[str]
     train: list[tuple[str, int]]
     val: list[tuple[str, int]]
-    layout: str  # "train/val" or "split <fraction>"
 
 
 def find_splits(data: str | Path, val_split: float | None, seed: int) -> Splits:
@@ -56,7 +57,7 @@ def find_splits(data: str | Path, val_split: float | None, seed: int) -> Splits:
                 missing = sorted(set(classes) ^ set(val_classes))
                 raise GraftError(f"{root}: train and val have different classes ({missing[:5]}); expected the "
                                  "same class folders in both.")
-            return Splits(classes, train, val, "train/val")
+            return Splits(classes, train, val)
         root_classes, samples = classes, train
     else:
         root_classes, samples = list_images(root)
@@ -71,7 +72,7 @@ def find_splits(data: str | Path, val_split: float | None, seed: int) -> Splits:
         cut = max(1, round(len(items) * fraction)) if len(items) > 1 else 0
         val.extend(items[:cut])
         train.extend(items[cut:])
-    return Splits(root_classes, sorted(train), sorted(val), f"split {fraction:g}")
+    return Splits(root_classes, sorted(train), sorted(val))
 
 
 class ImageList(torch.utils.data.Dataset):
