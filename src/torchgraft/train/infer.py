@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from torchgraft.classes import read_class_names
 from torchgraft.errors import GraftError
 from torchgraft.io.read import load
 from torchgraft.specs import parse_kwargs
@@ -20,13 +21,10 @@ __all__ = ["evaluate", "predict", "load_finetuned"]
 
 def _classes(weights: Path, classes_file: str | None) -> list[str]:
     path = Path(classes_file) if classes_file else weights.parent / "classes.txt"
-    if not path.is_file():
+    if not path.is_file():  # this message knows where the names were looked for and how else to give them
         raise GraftError(f"{path}: no class names; expected classes.txt beside the weights (graft finetune writes "
                          "it) or --classes FILE with one name per line.")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise GraftError(f"{path}: the class list is empty; expected one class name per line.")
-    return names
+    return read_class_names(path)
 
 
 def _run_image_size(weights: Path) -> int | None:
