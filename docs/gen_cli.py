@@ -1,4 +1,5 @@
-"""Regenerate docs/cli.md from `graft --help` and each subcommand's `--help`.
+"""Regenerate docs/cli.md from `graft --help` and each subcommand's `--help`, and the guide's adapter table from
+the adapter registry.
 
     python docs/gen_cli.py            # rewrite docs/cli.md
     python docs/gen_cli.py --check    # exit 1 when docs/cli.md is out of date
@@ -59,15 +60,27 @@ def render() -> str:
             os.environ["COLUMNS"] = old
 
 
+GUIDE = TARGET.parent / "guide.md"
+_ADAPTERS = re.compile(r"(<!-- adapters:[^\n]*-->\n).*?(<!-- /adapters -->)", re.S)
+
+
+def render_guide() -> str:
+    """docs/guide.md with its adapter table made anew from the registry (`torchgraft.adapt.docs_table`)."""
+    from torchgraft.adapt import docs_table
+
+    return _ADAPTERS.sub(lambda m: m.group(1) + docs_table() + "\n" + m.group(2), GUIDE.read_text())
+
+
 def main(argv: list[str]) -> int:
-    text = render()
+    outputs = {TARGET: render(), GUIDE: render_guide()}
     if "--check" in argv:
-        if not TARGET.is_file() or TARGET.read_text() != text:
-            print(f"{TARGET} is out of date; run `python docs/gen_cli.py`.", file=sys.stderr)
-            return 1
-        return 0
-    TARGET.write_text(text)
-    print(f"wrote {TARGET}")
+        stale = [p for p, text in outputs.items() if not p.is_file() or p.read_text() != text]
+        for path in stale:
+            print(f"{path} is out of date; run `python docs/gen_cli.py`.", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in outputs.items():
+        path.write_text(text)
+        print(f"wrote {path}")
     return 0
 
 

@@ -96,7 +96,7 @@ def main() -> None:
     assert torch.equal(model.stages[2].units[0].shortcut[0].weight, reference["layer3.0.downsample.0.weight"])
     assert sorted(e.target for e in report.by_status("new")) == [
         "det_head.box.bias", "det_head.box.weight", "det_head.cls.bias", "det_head.cls.weight"]
-    assert sorted(u["key"] for u in report.unused_source) == ["fc.bias", "fc.weight"]
+    assert sorted(u["source"] for u in report.unused_source) == ["fc.bias", "fc.weight"]
 
     # Freeze the stem and the first stage: its first N parameter tensors, in named_parameters() order.
     n = 2 + sum(1 for _ in model.stages[0].parameters())

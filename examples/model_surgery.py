@@ -72,7 +72,7 @@ def main() -> None:
     assert torch.equal(edited.classifier[1].weight, model.classifier[1].weight)
     new = sorted(e.target for e in report.by_status("new"))
     assert new == ["classifier.4.bias", "classifier.4.weight", "classifier.6.bias", "classifier.6.weight"], new
-    assert {u["key"] for u in report.unused_source} == {"classifier.4.weight", "classifier.4.bias",
+    assert {u["source"] for u in report.unused_source} == {"classifier.4.weight", "classifier.4.bias",
                                                         "classifier.6.weight", "classifier.6.bias"}
     assert edited(torch.randn(1, 3, 64, 64)).shape == (1, 10)
     print(f"surgery: features + classifier.1 reloaded, {len(new)} tensors new, output (1, 10)")

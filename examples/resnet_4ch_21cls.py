@@ -37,7 +37,7 @@ def main() -> None:
     stem = report.entry("conv1.weight")
     assert (stem.status, stem.adapter) == ("adapted", "input_channels"), stem
     assert [e.target for e in report.by_status("new") if not e.benign] == ["fc.weight", "fc.bias"]
-    assert {u["key"] for u in report.unused_source} == {"fc.weight", "fc.bias"}
+    assert {u["source"] for u in report.unused_source} == {"fc.weight", "fc.bias"}
     assert report.entry("layer4.1.conv2.weight").status == "loaded"
 
     # The adapted stem: channel 4 repeats the red filters, all scaled by 3/4.

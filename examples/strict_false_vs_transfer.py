@@ -106,7 +106,7 @@ def main() -> None:
     print(report.summary())
     assert report.entry("encoder.weight").status == "loaded" and report.entry("out.bias").method == "exact"
     assert sorted(e.target for e in report.by_status("new")) == ["aux.bias", "aux.weight"]
-    assert sorted(u["key"] for u in report.unused_source) == ["mid.bias", "mid.weight"]
+    assert sorted(u["source"] for u in report.unused_source) == ["mid.bias", "mid.weight"]
     assert torch.equal(model.out.weight, old_state["out.weight"])
     report = transfer(src, wider)                                     # a changed shape stays new, not an error
     assert report.entry("out.weight").status == "new"

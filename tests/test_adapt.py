@@ -13,9 +13,13 @@ from torchgraft.adapt import (
     ADAPTERS,
     adapt_classifier_rows,
     adapt_input_channels,
+    copy_rows,
     describe,
+    docs_table,
+    merge,
     resize_embedding,
     resize_pos_embed,
+    split_part,
 )
 from torchgraft.errors import GraftError
 
@@ -64,16 +68,20 @@ def _forward_with_conv1(model: nn.Module, conv1_weight: torch.Tensor, x: torch.T
 
 
 def test_registry_names_and_describe():
-    assert ADAPTERS == {
+    assert {name: a.fn for name, a in ADAPTERS.items()} == {
         "input_channels": adapt_input_channels,
-        "classifier_rows": adapt_classifier_rows,
+        "classifier_rows": copy_rows,
         "pos_embed_resize": resize_pos_embed,
         "embedding_resize": resize_embedding,
+        "split": split_part,
+        "merge": merge,
     }
-    for name, fn in ADAPTERS.items():
+    for name, adapter in ADAPTERS.items():
+        assert adapter.name == name
         text = describe(name)
         assert isinstance(text, str) and text and "\n" not in text
-        assert inspect.getdoc(fn), f"{name} must document its rule"
+        assert inspect.getdoc(adapter.fn), f"{name} must document its rule"
+        assert name in docs_table() and all(f"`{arg}`" in docs_table() for arg in adapter.args)
 
 
 def test_describe_unknown_name():

@@ -22,6 +22,14 @@ def test_cli_reference_matches_help() -> None:
     assert committed == fresh, "docs/cli.md is out of date: run `python docs/gen_cli.py`"
 
 
+def test_guide_adapter_table_is_the_registry() -> None:
+    from torchgraft.adapt import ADAPTERS, docs_table
+
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    assert guide == _gen_cli().render_guide(), "docs/guide.md's adapter table is out of date: run docs/gen_cli.py"
+    assert docs_table() in guide and all(f"| `{name}` |" in guide for name in ADAPTERS)
+
+
 def test_cli_reference_covers_every_command() -> None:
     from torchgraft.cli import _subcommands
 

@@ -94,7 +94,7 @@ def test_inspect_flags_nan_inf_and_zeroed_conv(tmp_path, damaged, capsys, fmt):
 def test_transfer_warns_per_loaded_tensor(damaged):
     model = torchvision.models.resnet18(num_classes=10)
     report = transfer(damaged, model, allow_new=["fc.*"])
-    problems = {(p["key"], p["problem"]) for p in report.numeric}
+    problems = {(p["source"], p["problem"]) for p in report.numeric}
     assert problems == {("layer1.0.conv1.weight", "nan"), ("layer1.0.conv1.weight", "inf"),
                         ("layer2.0.conv2.weight", "all_zero")}
     assert sum("layer1.0.conv1.weight" in w and "NaN" in w for w in report.warnings) == 1

@@ -5,8 +5,9 @@ a module or a state dict. Each states its rule in its docstring, keeps the dtype
 adapts (arithmetic happens in float32 internally), returns a fresh tensor detached from autograd, and raises
 `GraftError` with what was found, what was expected and what to do when the adaptation is impossible.
 
-`ADAPTERS` maps the stable name used in reports to the function; `describe(name)` gives a one-line
-description of that adapter for reports.
+`ADAPTERS` declares each adapter once (`Adapter`): its stable name, when it applies to a shape mismatch
+(`choose`), the pure function, the arguments a plan records, and the sentence a report prints. Matching,
+applying, reporting and the guide's table all read it.
 """
 
 from __future__ import annotations
@@ -14,20 +15,31 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from torchgraft.errors import GraftError
 
 __all__ = [
     "ADAPTERS",
+    "Adapter",
+    "Fit",
     "adapt_input_channels",
     "adapt_classifier_rows",
+    "class_row_map",
+    "copy_rows",
     "resize_pos_embed",
     "resize_embedding",
+    "split_part",
+    "merge",
+    "choose",
     "describe",
+    "docs_table",
+    "get",
 ]
 
 
@@ -124,11 +136,56 @@ def _unique_index(classes: list[str]) -> dict[str, int]:
     return index
 
 
-def count_shared_classes(source_classes: Sequence[str], target_classes: Sequence[str]) -> int:
-    """How many rows `adapt_classifier_rows` would copy: names on both sides, unambiguous on each."""
+def class_row_map(source_classes: Sequence[str], target_classes: Sequence[str]) -> list[tuple[int, int]]:
+    """`(source_row, target_row)` for every class name on both sides, unambiguous on each, by target row.
+
+    Names match exactly after normalisation: underscores become spaces, runs of whitespace collapse to one
+    space, then `strip()` and `casefold()` (so "golden_retriever" == "Golden Retriever", but "tabby" !=
+    "tabby cat"). A name that occurs more than once after normalisation, on either side, is ambiguous and left
+    out.
+    """
     source = _unique_index(_check_class_list(source_classes, "source"))
     target = _unique_index(_check_class_list(target_classes, "target"))
-    return len(source.keys() & target.keys())
+    return sorted(((source[key], j) for key, j in target.items() if key in source), key=lambda pair: pair[1])
+
+
+def count_shared_classes(source_classes: Sequence[str], target_classes: Sequence[str]) -> int:
+    """How many rows `adapt_classifier_rows` would copy: names on both sides, unambiguous on each."""
+    return len(class_row_map(source_classes, target_classes))
+
+
+def copy_rows(weight_or_bias: Tensor, init: Tensor, rows: Sequence[Sequence[int]]) -> Tensor:
+    """`init` with target row `j` replaced by source row `i` for each `(i, j)` in `rows`.
+
+    `weight_or_bias` is `[num_source, ...]`, `init` is `[num_target, ...]` with the same row shape; the result
+    has the dtype and device of `init`.
+    """
+    if not isinstance(weight_or_bias, Tensor) or not isinstance(init, Tensor):
+        raise GraftError(
+            "classifier_rows: found a non-tensor weight_or_bias or init; expected two tensors, the source "
+            "head's weight (or bias) and the target head's freshly initialised one."
+        )
+    if weight_or_bias.ndim < 1 or init.ndim < 1 or weight_or_bias.shape[1:] != init.shape[1:]:
+        raise GraftError(
+            f"classifier_rows: found source rows of shape {tuple(weight_or_bias.shape[1:])} and target rows "
+            f"of shape {tuple(init.shape[1:])}; expected the same row shape (same feature width). The "
+            "feature dimension differs, so rows cannot be copied; adapt the features first or re-initialise "
+            "the head."
+        )
+    bad = [(i, j) for i, j in rows if not (0 <= i < weight_or_bias.shape[0] and 0 <= j < init.shape[0])]
+    if bad:
+        raise GraftError(
+            f"classifier_rows: found the row pair {list(bad[0])} outside a source of {weight_or_bias.shape[0]} "
+            f"rows and a target of {init.shape[0]} rows; expected (source_row, target_row) pairs inside both. "
+            "The plan does not fit this checkpoint and model; re-run `graft plan`."
+        )
+    out = init.detach().clone()
+    if rows:
+        source_rows = weight_or_bias.detach().to(device=out.device, dtype=out.dtype)
+        src_index = torch.tensor([i for i, _ in rows], dtype=torch.long)
+        tgt_index = torch.tensor([j for _, j in rows], dtype=torch.long)
+        out[tgt_index] = source_rows[src_index]
+    return out
 
 
 def adapt_classifier_rows(
@@ -142,11 +199,9 @@ def adapt_classifier_rows(
     `weight_or_bias` is the source head's weight `[num_source, features]` or bias `[num_source]`, with row `i`
     belonging to `source_classes[i]`; `init` is the target head's freshly initialised tensor
     `[num_target, ...]`, row `j` belonging to `target_classes[j]`. The result starts as a copy of `init`; each
-    target row whose class name also names a source row gets that source row. Names match exactly after
-    normalisation: underscores become spaces, runs of whitespace collapse to one space, then `strip()` and
-    `casefold()` (so "golden_retriever" == "Golden Retriever", but "tabby" != "tabby cat"). A name that occurs
-    more than once after normalisation, on either side, is ambiguous and is not copied (its rows keep `init`).
-    The result has the dtype and device of `init`.
+    target row whose class name also names a source row gets that source row (`class_row_map` says which:
+    names compared after normalising case, underscores and whitespace; names that occur twice on one side are
+    not copied). The result has the dtype and device of `init`.
     """
     src = _check_class_list(source_classes, "source")
     tgt = _check_class_list(target_classes, "target")
@@ -167,24 +222,8 @@ def adapt_classifier_rows(
             "class names; expected one row per target class. Pass the target head's freshly initialised "
             "tensor and the target class list in row order."
         )
-    if weight_or_bias.shape[1:] != init.shape[1:]:
-        raise GraftError(
-            f"classifier_rows: found source rows of shape {tuple(weight_or_bias.shape[1:])} and target rows "
-            f"of shape {tuple(init.shape[1:])}; expected the same row shape (same feature width). The "
-            "feature dimension differs, so rows cannot be copied; adapt the features first or re-initialise "
-            "the head."
-        )
-    src_index = _unique_index(src)
-    tgt_index = _unique_index(tgt)
-    out = init.detach().clone()
-    copied = 0
-    source_rows = weight_or_bias.detach().to(device=out.device, dtype=out.dtype)
-    for key, j in tgt_index.items():
-        i = src_index.get(key)
-        if i is not None:
-            out[j] = source_rows[i]
-            copied += 1
-    return out, copied
+    rows = class_row_map(src, tgt)
+    return copy_rows(weight_or_bias, init, rows), len(rows)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -370,39 +409,213 @@ def resize_embedding(weight: Tensor, num_rows: int, init: Tensor | None = None) 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# registry
+# splits and merges
 
-ADAPTERS: dict[str, Callable[..., object]] = {
-    "input_channels": adapt_input_channels,
-    "classifier_rows": adapt_classifier_rows,
-    "pos_embed_resize": resize_pos_embed,
-    "embedding_resize": resize_embedding,
-}
 
-_DESCRIPTIONS: dict[str, str] = {
-    "input_channels": (
+def split_part(tensor: Tensor, parts: int, part: int, dim: int = 0) -> Tensor:
+    """Part `part` (from 0) of `tensor` cut into `parts` equal chunks along `dim` (a fused `qkv` -> `k`)."""
+    if not isinstance(parts, int) or parts < 1 or not isinstance(part, int) or not 0 <= part < parts:
+        raise GraftError(f"split: found part={part!r} of parts={parts!r}; expected 0 <= part < parts. Fix the "
+                         "plan's split arguments.")
+    if not -tensor.ndim <= dim < tensor.ndim or tensor.shape[dim] % parts:
+        raise GraftError(f"split: found a tensor of shape {tuple(tensor.shape)}, which does not cut into {parts} "
+                         f"equal parts along dim {dim}; expected a length divisible by {parts}.")
+    return torch.chunk(tensor, parts, dim=dim)[part]
+
+
+def merge(tensors: Sequence[Tensor], dim: int = 0) -> Tensor:
+    """The tensors concatenated along `dim` (separate `q`, `k`, `v` -> one fused `qkv`)."""
+    return torch.cat(list(tensors), dim=dim)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# registry: each adapter declared once, for choosing, applying, reporting and the docs
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What an adapter's `choose` sees: one target tensor, the source tensor paired with it, and the context."""
+
+    target: str
+    source: str
+    target_shape: tuple[int, ...]
+    source_shape: tuple[int, ...]
+    module: nn.Module | None
+    """The target module that owns the tensor (None when unknown)."""
+    first_conv: bool
+    """Whether the owning module is the model's first convolution (timm's `pretrained_cfg["first_conv"]`)."""
+    source_classes: Sequence[str] | None = None
+    target_classes: Sequence[str] | None = None
+    num_prefix_tokens: int = 1
+
+    @property
+    def param(self) -> str:
+        return self.target.rpartition(".")[2]
+
+
+#: choose(fit) -> the adapter's arguments when it applies; a sentence when it is the right adapter but cannot
+#: apply (the tensor then stays new with that sentence as its note); None when it is not the right adapter.
+Choose = Callable[[Fit], "dict[str, Any] | str | None"]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One named way to turn source tensor(s) into a target tensor."""
+
+    name: str
+    summary: str
+    """The rule in one line: for `describe`, `graft plan --help` and the guide's table."""
+    fn: Callable[..., Any]
+    """The pure tensor function (documented, testable alone)."""
+    args: tuple[str, ...]
+    """The arguments a plan records for it, so applying re-derives nothing."""
+    run: Callable[[list[Tensor], Tensor, dict[str, Any]], Tensor]
+    """(source tensors, the target's current tensor, args) -> the value to place."""
+    sentence: Callable[[dict[str, Any], tuple[int, ...], tuple[int, ...]], str]
+    """(args, source shape, target shape) -> the note a plan and a report print."""
+    choose: Choose | None = None
+    """When it applies to a shape mismatch; None for adapters only rules ask for (split, merge)."""
+    exact: bool = False
+    """The values are the source's own, only cut or joined: the report says `loaded`, not `adapted`."""
+    needs_init: bool = False
+    """Builds on the target's freshly initialised tensor (rows for new classes or tokens)."""
+
+    def check_args(self, args: Any, where: str) -> dict[str, Any]:
+        if not isinstance(args, dict) or set(args) != set(self.args):
+            found = sorted(args) if isinstance(args, dict) else type(args).__name__
+            raise GraftError(f"{where}: adapter {self.name!r} has arguments {found}; expected exactly "
+                             f"{list(self.args)}. Re-run `graft plan`, or fix the plan by hand.")
+        return args
+
+
+def _choose_input_channels(fit: Fit) -> dict[str, Any] | None:
+    s, t = fit.source_shape, fit.target_shape
+    if fit.first_conv and isinstance(fit.module, nn.modules.conv._ConvNd) and fit.param == "weight" \
+            and len(s) == len(t) and s[0] == t[0] and s[2:] == t[2:]:
+        return {"in_chans": t[1]}
+    return None
+
+
+def _same_rows(fit: Fit) -> bool:
+    s, t = fit.source_shape, fit.target_shape
+    return len(s) == len(t) >= 1 and s[1:] == t[1:] and s[0] != t[0]
+
+
+def _choose_classifier_rows(fit: Fit) -> dict[str, Any] | str | None:
+    if not isinstance(fit.module, nn.Linear) or not _same_rows(fit):
+        return None
+    s, t = fit.source_shape[0], fit.target_shape[0]
+    src, tgt = fit.source_classes, fit.target_classes
+    if not (src and tgt and len(src) == s and len(tgt) == t):
+        return (f"classifier with {t} outputs; the source has {s} and no class names on both sides, so it starts "
+                f"new (source {fit.source})")
+    rows = class_row_map(src, tgt)
+    if not rows:
+        return (f"classifier with {t} outputs shares no class name with the source's {s}; it starts new "
+                f"(source {fit.source})")
+    return {"rows": [list(pair) for pair in rows]}
+
+
+def _choose_embedding_resize(fit: Fit) -> dict[str, Any] | None:
+    if isinstance(fit.module, nn.Embedding) and _same_rows(fit):
+        return {"num_rows": fit.target_shape[0]}
+    return None
+
+
+def _choose_pos_embed(fit: Fit) -> dict[str, Any] | None:
+    s, t = fit.source_shape, fit.target_shape
+    if "pos_embed" in fit.param and len(s) == 3 == len(t) and s[0] == t[0] == 1 and s[2] == t[2]:
+        return {"num_prefix_tokens": fit.num_prefix_tokens}
+    return None
+
+
+ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
+    Adapter(
+        "input_channels",
         "input conv channels adapted: summed for 1 channel, else repeated cyclically/truncated and scaled by "
-        "source/target channels"
-    ),
-    "classifier_rows": (
+        "source/target channels",
+        adapt_input_channels, ("in_chans",),
+        run=lambda src, cur, a: adapt_input_channels(src[0], a["in_chans"]),
+        sentence=lambda a, s, t: f"stem {s[1]} -> {a['in_chans']} input channels",
+        choose=_choose_input_channels),
+    Adapter(
+        "classifier_rows",
         "classifier rows copied by class name (case/underscore-insensitive); unmatched or ambiguous classes "
-        "keep fresh init"
-    ),
-    "pos_embed_resize": (
-        "position embedding grid resampled in 2-D (bicubic by default); prefix tokens kept unchanged"
-    ),
-    "embedding_resize": (
-        "embedding rows resized: overlapping rows kept, new rows from fresh init or the mean of old rows"
-    ),
-}
+        "keep fresh init",
+        copy_rows, ("rows",),
+        run=lambda src, cur, a: copy_rows(src[0], cur, a["rows"]),
+        sentence=lambda a, s, t: (f"classifier {s[0]} -> {t[0]} classes: the rows of {len(a['rows'])} shared "
+                                  "class names copied, the rest new"),
+        choose=_choose_classifier_rows, needs_init=True),
+    Adapter(
+        "embedding_resize",
+        "embedding rows resized: overlapping rows kept, new rows from fresh init or the mean of old rows",
+        resize_embedding, ("num_rows",),
+        run=lambda src, cur, a: resize_embedding(src[0], a["num_rows"], cur),
+        sentence=lambda a, s, t: f"{s[0]} -> {a['num_rows']} rows: overlap copied, the rest initialised",
+        choose=_choose_embedding_resize, needs_init=True),
+    Adapter(
+        "pos_embed_resize",
+        "position embedding grid resampled in 2-D (bicubic by default); prefix tokens kept unchanged",
+        resize_pos_embed, ("num_prefix_tokens",),
+        run=lambda src, cur, a: resize_pos_embed(src[0], cur.shape[1], num_prefix_tokens=a["num_prefix_tokens"]),
+        sentence=lambda a, s, t: f"{s[1]} -> {t[1]} positions: grid interpolated, prefix tokens kept",
+        choose=_choose_pos_embed),
+    Adapter(
+        "split",
+        "one part of a source tensor cut into equal parts along a dimension (a fused qkv into q, k, v)",
+        split_part, ("dim", "part", "parts"),
+        run=lambda src, cur, a: split_part(src[0], a["parts"], a["part"], a["dim"]),
+        sentence=lambda a, s, t: f"part {a['part'] + 1} of {a['parts']} along dim {a['dim']}",
+        exact=True),
+    Adapter(
+        "merge",
+        "source tensors concatenated along a dimension (q, k, v into a fused qkv)",
+        merge, ("dim",),
+        run=lambda src, cur, a: merge(src, a["dim"]),
+        sentence=lambda a, s, t: f"concatenated along dim {a['dim']}",
+        exact=True),
+)}
+"""Every adapter by the name reports and plans use."""
+
+
+def get(name: Any, where: str = "plan") -> Adapter:
+    """The adapter registered as `name`, or a GraftError naming the known ones."""
+    adapter = ADAPTERS.get(name) if isinstance(name, str) else None
+    if adapter is None:
+        raise GraftError(f"{where}: found adapter name {name!r}; expected one of {', '.join(sorted(ADAPTERS))}. "
+                         "Use a name from torchgraft.adapt.ADAPTERS.")
+    return adapter
 
 
 def describe(name: str) -> str:
     """One-line human description of the adapter registered as `name`, for reports."""
     try:
-        return _DESCRIPTIONS[name]
+        return ADAPTERS[name].summary
     except (KeyError, TypeError):
         raise GraftError(
             f"found adapter name {name!r}; expected one of {', '.join(sorted(ADAPTERS))}. Use a name from "
             "torchgraft.adapt.ADAPTERS."
         ) from None
+
+
+def choose(fit: Fit) -> tuple[Adapter, dict[str, Any]] | str | None:
+    """The first registered adapter that applies to `fit` with its arguments; else the sentence of one that
+    is right for it but cannot apply; else None."""
+    why = None
+    for adapter in ADAPTERS.values():
+        if adapter.choose is None:
+            continue
+        got = adapter.choose(fit)
+        if isinstance(got, dict):
+            return adapter, got
+        if isinstance(got, str) and why is None:
+            why = got
+    return why
+
+
+def docs_table() -> str:
+    """The guide's table of adapters, made from the registry."""
+    rows = ["| adapter | what it does | arguments in a plan |", "|---|---|---|"]
+    rows += [f"| `{a.name}` | {a.summary} | {', '.join(f'`{x}`' for x in a.args)} |" for a in ADAPTERS.values()]
+    return "\n".join(rows)

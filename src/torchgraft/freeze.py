@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchgraft import _callable
 from torchgraft.errors import GraftError
 
 __all__ = [
@@ -667,3 +668,6 @@ def _plain(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
     return {k: convert(v) for k, v in kwargs.items()}
 
+
+
+_callable.make_callable(__name__, freeze)

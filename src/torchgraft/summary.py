@@ -10,12 +10,12 @@ from typing import Any
 import torch.nn as nn
 
 from torchgraft.io.read import Source, TensorInfo, _info_of
+from torchgraft.match.names import BENIGN_TENSORS
 
 __all__ = ["Diff", "collapse_indices", "describe_model", "describe_source", "diff", "group_by_prefix",
            "source_from_model"]
 
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)")
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def source_from_model(model: nn.Module, name: str) -> Source:
@@ -141,17 +141,6 @@ class Diff:
         return not (self.only_in_a or self.only_in_b or self.shape_mismatch or self.dtype_mismatch)
 
 
-_BENIGN = {
-    "num_batches_tracked": (
-        "BatchNorm `num_batches_tracked` counters, which PyTorch 0.4.1 added; files saved before it lack them. "
-        "They only matter with momentum=None and are safe to leave at their defaults"
-    ),
-    "position_ids": (
-        "`position_ids` buffers (0, 1, 2, ...) that transformers builds itself; recent versions no longer save them"
-    ),
-}
-
-
 def diff(a: Source, b: Source) -> Diff:
     """Compare two sources key by key and explain what is known to be harmless or easy to fix."""
     keys_a, keys_b = a.info, b.info
@@ -175,10 +164,10 @@ def _notes(a: Source, b: Source, d: Diff) -> list[str]:
     notes = []
     if d.num_common:  # benign extras only mean something when the two otherwise share names
         for side, keys, other in (("A", d.only_in_a, "B"), ("B", d.only_in_b, "A")):
-            for suffix, why in _BENIGN.items():
+            for suffix, benign in BENIGN_TENSORS.items():
                 hits = [k for k in keys if k.rsplit(".", 1)[-1] == suffix]
                 if hits:
-                    notes.append(f"{len(hits)} keys only in {side} are {why} (absent from {other}).")
+                    notes.append(f"{len(hits)} keys only in {side} are {benign.history} (absent from {other}).")
     by_module: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
     for m in d.shape_mismatch:
         by_module.setdefault(m["key"].rpartition(".")[0] or m["key"], []).append(m)

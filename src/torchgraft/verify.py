@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from torchgraft import _callable
 from torchgraft.errors import GraftError
 
 __all__ = ["Verification", "verify", "module_pairs", "example_input"]
@@ -179,3 +180,6 @@ def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs
     else:
         notes.append("outputs have different shapes (a new head?); compared the matched modules only")
     return Verification(compared, agreed, first, output_diff, notes)
+
+
+_callable.make_callable(__name__, verify)

@@ -260,7 +260,7 @@ def test_inspect_freeze_flags_need_a_model(capsys, mobilenet_v2_path):
         from torchgraft.cli import inspect as inspect_cmd
 
         inspect_cmd.run(source=str(mobilenet_v2_path), model=None, model_kwargs=None, key=None, json=False,
-                        all=False, no_verify=False, freeze=["features.*"])
+                        all=False, freeze=["features.*"])
     proc = graft("inspect", "--help")
     assert "--freeze [PATTERN ...]" in proc.stdout and "--train-bn" in proc.stdout
     assert "graft inspect --model torchvision:resnet18 --freeze 'layer[1-3]'" in proc.stdout

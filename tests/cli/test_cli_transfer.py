@@ -75,8 +75,8 @@ def test_plan_edit_then_transfer_with_plan(capsys, tmp_path, mobilenet_v2_path):
                           "--out", str(plan_path))
     assert code == 0 and "plan written" in stdout
     data = json.loads(plan_path.read_text())
-    edited = next(e for e in data["entries"] if e["target"] == "conv_head.weight")
-    edited.update(status="new", source=None, method="none", note="left new by the reviewer")
+    edited = next(s for s in data["steps"] if s["target"] == "conv_head.weight")
+    edited.update(action="new", source=None, method="none", note="left new by the reviewer")
     plan_path.write_text(json.dumps(data))
     out, report = tmp_path / "o.safetensors", tmp_path / "r.json"
     code, _, _ = run(capsys, "transfer", str(mobilenet_v2_path), "--model", "timm:mobilenetv2_100",

@@ -14,7 +14,8 @@ from torch import nn
 import torchgraft
 from torchgraft.io.pages import PAGE, FileMaps
 from torchgraft.numeric import scan
-from torchgraft.transfer import apply, plan
+from torchgraft.match.plan import plan
+from torchgraft.transfer import apply
 
 
 
@@ -154,9 +155,9 @@ def test_apply_into_a_meta_model_keeps_about_one_tensor_resident(tmp_path):
     source = torchgraft.load(path)
     with torch.device("meta"):
         model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(4)], nn.Linear(1024, 10))
-    report = plan(source, model)
+    decided = plan(source, model)
     base = _rss()
-    apply(report, source, model, release_pages=True)
+    report = apply(decided, source, model, release_pages=True)
     assert _rss() - base < 6 << 20  # the new head and about one tensor; the 16 MiB of weights were read
     assert all(torch.equal(model[i].weight, layers[i].weight) for i in range(4))  # read again from the file
     assert report.numeric == [] and not model[4].weight.is_meta

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 import torchgraft
-from torchgraft.transfer import apply, meta_blockers, parameters_on_meta, plan, transfer
+from torchgraft.match.plan import plan
+from torchgraft.transfer import apply, meta_blockers, parameters_on_meta, transfer
 
 
 class Net(nn.Module):
@@ -147,18 +148,18 @@ def test_what_the_meta_path_cannot_fill_is_said():
                                                       for k, v in state.items()})
     with torch.device("meta"):
         model = Model()
-    report = plan(source, model)
-    assert meta_blockers(model, report) == [
+    decided = plan(source, model)
+    assert meta_blockers(model, decided) == [
         "custom.scale stays new and its module Custom has no reset_parameters to initialise it",
         "custom.table is a non-persistent buffer, computed when the model is built"]
-    apply(report, source, model)
+    report = apply(decided, source, model)
     assert "left at zero: Custom has no reset_parameters" in report.entry("custom.scale").note
     assert torch.equal(model.custom.scale, torch.zeros(3))
     assert report.warnings == [
         "1 tensors stay on the meta device (custom.table): they are not in the state_dict (non-persistent "
         "buffers the model computes when it is built), so no checkpoint can fill them. Build the model on the "
         "CPU instead of the meta device."]
-    assert meta_blockers(Model(), report) == []  # built normally, nothing is in the way
+    assert meta_blockers(Model(), decided) == []  # built normally, nothing is in the way
 
 
 # ---- dtype policy and progress ------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import timm
 import pytest
 
 import torchgraft as tg
-from torchgraft.transfer import plan, transfer
+from torchgraft.match.plan import plan
+from torchgraft.transfer import transfer
 
 
 def save(state: dict, path) -> str:
@@ -63,7 +64,7 @@ def test_new_head_and_num_batches_tracked_from_legacy_file(tmp_path):
     assert sum(e.benign for e in new) == 20
     assert all("older files lack" in e.note for e in new if e.benign)
     assert "no class names" in report.entry("fc.weight").note
-    assert {u["key"] for u in report.unused_source} == {"fc.weight", "fc.bias"}
+    assert {u["source"] for u in report.unused_source} == {"fc.weight", "fc.bias"}
     assert all("does not fit" in u["why"] for u in report.unused_source)
     assert_honest(report, tg.load(path), model)
     with pytest.raises(tg.GraftError, match=r"--strict: 2 target tensors would stay new \(fc\.weight"):
@@ -220,13 +221,13 @@ def test_plan_does_not_touch_values(mobilenet_source):
     model = timm.create_model("mobilenetv2_100")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = plan(mobilenet_source, model)
-    assert report.counts()["loaded"] == 314
+    assert report.counts()["load"] == 314
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     data = report.to_dict()
-    assert set(data) >= {"source", "target", "entries", "unused_source", "summary"}
-    assert data["summary"] == {"loaded": 314, "adapted": 0, "new": 0, "unused_source": 0}
-    assert set(data["entries"][0]) == {"target", "source", "status", "method", "adapter", "note"}
+    assert set(data) >= {"format", "version", "fingerprint", "source", "target", "steps", "unused_source", "summary"}
+    assert data["summary"] == {"load": 314, "adapt": 0, "new": 0, "unused_source": 0}
+    assert {"target", "source", "action", "method"} <= set(data["steps"][0]) and "status" not in data["steps"][0]
 
 
 def test_verify_matches_and_finds_a_moved_stride(mobilenet_source):
@@ -280,7 +281,7 @@ def test_sorted_safetensors_of_numbered_modules_align_fully(tmp_path, mobilenet_
     state = torch.load(mobilenet_v2_path, weights_only=True)
     path = tmp_path / "mnv2.safetensors"
     save_file(state, path)
-    truth = {e.target: e.source for e in plan(mobilenet_v2_path, timm.create_model("mobilenetv2_100")).entries}
+    truth = {s.target: s.source for s in plan(mobilenet_v2_path, timm.create_model("mobilenetv2_100")).steps}
     model = timm.create_model("mobilenetv2_100").eval()
     report = transfer(path, model)
     assert len(report.by_status("loaded")) == len(truth) == 314
@@ -302,15 +303,15 @@ def test_sorted_safetensors_of_named_modules_never_guesses(tmp_path):
     state = {k: v.contiguous() for k, v in timm.create_model("mobilenetv2_100").state_dict().items()}
     torch.save(state, tmp_path / "timm.pth")
     save_file(state, tmp_path / "timm.safetensors")
-    truth = {e.target: e.source for e in plan(tmp_path / "timm.pth", torchvision.models.mobilenet_v2()).entries}
+    truth = {s.target: s.source for s in plan(tmp_path / "timm.pth", torchvision.models.mobilenet_v2()).steps}
     assert all(truth.values())  # in stored order, all 314 tensors find their place
     report = plan(tmp_path / "timm.safetensors", torchvision.models.mobilenet_v2())
-    loaded = report.by_status("loaded")
+    loaded = [s for s in report.steps if s.action == "load"]
     assert loaded, "unique shapes (stem, head) still load"
     assert all(e.source == truth[e.target] for e in loaded)
-    assert report.entry("classifier.1.weight").source == "classifier.weight"
-    new = [e for e in report.by_status("new") if not e.benign]
-    assert any("sorted by name" in e.note for e in new)
+    assert report.step("classifier.1.weight").source == "classifier.weight"
+    new = [s for s in report.steps if s.action == "new" and not s.target.endswith("num_batches_tracked")]
+    assert any("sorted by name" in s.note for s in new)
 
 
 def test_sorted_safetensors_with_same_local_names_aligns(tmp_path):
@@ -378,7 +379,7 @@ def test_hand_written_resnet50_receives_torchvision_weights(tmp_path):
     assert {e.target for e in report.by_status("new")} == {"cls_head.weight", "cls_head.bias"}
     assert report.entry("body.4.bottleneck.2.0.weight").source == "layer2.1.conv2.weight"
     assert report.entry("body.3.shortcut.1.running_var").source == "layer2.0.downsample.1.running_var"
-    assert {u["key"] for u in report.unused_source} == {"fc.weight", "fc.bias"}
+    assert {u["source"] for u in report.unused_source} == {"fc.weight", "fc.bias"}
     assert_honest(report, tg.load(path), model)
     features = nn.Sequential(*list(reference.children())[:-2])
     x = torch.randn(1, 3, 64, 64)
@@ -424,7 +425,7 @@ def test_other_shape_changes_are_never_cropped(tmp_path):
     report = transfer(path, model)
     entry = report.entry("layer1.0.conv2.weight")
     assert entry.status == "new" and "not cropped" in entry.note
-    assert any(u["key"] == "layer1.0.conv2.weight" and "does not fit" in u["why"] for u in report.unused_source)
+    assert any(u["source"] == "layer1.0.conv2.weight" and "does not fit" in u["why"] for u in report.unused_source)
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
@@ -457,5 +458,5 @@ def test_renamed_stem_without_a_matched_neighbour_stays_new(tmp_path, mobilenet_
              if not k.startswith("features.0.1.")}
     torch.save(state, tmp_path / "no-stem-bn.pth")
     report = plan(tmp_path / "no-stem-bn.pth", timm.create_model("mobilenetv2_100", in_chans=4))
-    assert report.entry("conv_stem.weight").status == "new"
-    assert all(e.source != "features.0.0.weight" for e in report.entries)
+    assert report.step("conv_stem.weight").action == "new"
+    assert all(s.source != "features.0.0.weight" for s in report.steps)

@@ -27,6 +27,22 @@ def open_source(text: str, *, model_kwargs: str | None = None, verify: bool = Tr
     return load(text, key=key, verify_hash=verify)
 
 
+def add_hash_check_argument(p) -> None:
+    """--no-hash-check (and its deprecated spelling --no-verify): skip the sha256 check of hub-named files."""
+    p.add_argument("--no-hash-check", dest="no_hash_check", action="store_true",
+                   help="skip the sha256 check of files named name-<hash>.pth")
+    p.add_argument("--no-verify", dest="no_verify", action="store_true",
+                   help="deprecated spelling of --no-hash-check")
+
+
+def hash_check(no_hash_check: bool, no_verify: bool) -> bool:
+    """Whether to check a hub-named file's sha256; warns once for the deprecated --no-verify."""
+    if no_verify:
+        console.print("[yellow]warning:[/] --no-verify is deprecated (it reads like --verify, which compares "
+                      "outputs); use --no-hash-check", soft_wrap=True)
+    return not (no_hash_check or no_verify)
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -63,29 +63,26 @@ def run(out: str = "graft-demo", quick: bool = False) -> int:
     path = find_mobilenet_v2()
     console.rule("[bold]1. inspect: what the file holds[/]")
     console.print(f"$ graft inspect {path.name}")
-    inspect_cmd.run(source=str(path), model=None, model_kwargs=None, key=None, json=False, all=False,
-                    no_verify=False)
+    inspect_cmd.run(source=str(path), model=None, model_kwargs=None, key=None, json=False, all=False)
     console.rule("[bold]2. diff: the file against a MobileNetV2 for 10 classes[/]")
     console.print(f"$ graft diff {path.name} torchvision:mobilenet_v2 --b-kwargs '{{\"num_classes\": 10}}'")
     diff_cmd.run(a=str(path), b="torchvision:mobilenet_v2", a_kwargs=None, b_kwargs='{"num_classes": 10}',
-                 json=False, no_verify=False)
+                 json=False)
     console.rule("[bold]3. diff: the file against timm's MobileNetV2 (every name differs)[/]")
     console.print(f"$ graft diff {path.name} timm:mobilenetv2_100")
-    diff_cmd.run(a=str(path), b="timm:mobilenetv2_100", a_kwargs=None, b_kwargs=None, json=False,
-                 no_verify=False)
+    diff_cmd.run(a=str(path), b="timm:mobilenetv2_100", a_kwargs=None, b_kwargs=None, json=False)
     console.rule("[bold]4. transfer: torchvision's file into timm's MobileNetV2, matched by structure[/]")
     console.print(f"$ graft transfer {path.name} --model timm:mobilenetv2_100 --dry-run --verify "
                   "--source-model torchvision:mobilenet_v2")
     transfer_cmd.run_transfer(source=str(path), model="timm:mobilenetv2_100", model_kwargs=None, rules=None,
-                              key=None, source_classes=None, target_classes=None, no_verify=False, plan=None,
+                              key=None, source_classes=None, target_classes=None, plan=None,
                               out=None, report=None, strict=True, allow_new=[], dry_run=True, verify=True,
                               source_model="torchvision:mobilenet_v2", source_model_kwargs=None, json=False)
     console.rule("[bold]5. a whole-model pickle, read without importing its class[/]")
     with tempfile.TemporaryDirectory() as tmp:
         pickle_path = _whole_model_pickle(Path(tmp))
         console.print("$ graft inspect whole_model.pth   # torch.save(model) of a class that no longer exists")
-        inspect_cmd.run(source=str(pickle_path), model=None, model_kwargs=None, key=None, json=False, all=False,
-                        no_verify=False)
+        inspect_cmd.run(source=str(pickle_path), model=None, model_kwargs=None, key=None, json=False, all=False)
     if quick:
         console.print("\n[green]done[/] (--quick: no fine-tune). Next: `graft finetune --help`.")
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from torchgraft.cli.common import console, open_source, print_json
+from torchgraft.cli.common import add_hash_check_argument, console, hash_check, open_source, print_json
 from torchgraft.summary import Diff, collapse_indices, diff
 
 DESCRIPTION = """Compare the tensors of two checkpoints or models, key by key.
@@ -28,13 +28,15 @@ def parser():
     p.add_argument("--a-kwargs", default=None, metavar="JSON", help="JSON kwargs for A when it is a model spec")
     p.add_argument("--b-kwargs", default=None, metavar="JSON", help="JSON kwargs for B when it is a model spec")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files named name-<hash>.pth")
+    add_hash_check_argument(p)
     return p
 
 
-def run(a: str, b: str, a_kwargs: str | None, b_kwargs: str | None, json: bool, no_verify: bool) -> int:
-    src_a = open_source(a, model_kwargs=a_kwargs, verify=not no_verify)
-    src_b = open_source(b, model_kwargs=b_kwargs, verify=not no_verify)
+def run(a: str, b: str, a_kwargs: str | None, b_kwargs: str | None, json: bool, no_hash_check: bool = False,
+        no_verify: bool = False) -> int:
+    check = hash_check(no_hash_check, no_verify)
+    src_a = open_source(a, model_kwargs=a_kwargs, verify=check)
+    src_b = open_source(b, model_kwargs=b_kwargs, verify=check)
     result = diff(src_a, src_b)
     if json:
         print_json(result.to_dict())

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from torchgraft.cli.common import (add_freeze_arguments, apply_freeze_arguments, console, human, print_json,
-                                   render_trainable)
+from torchgraft.cli.common import (add_freeze_arguments, add_hash_check_argument, apply_freeze_arguments, console,
+                                   hash_check, human, print_json, render_trainable)
 from torchgraft.errors import GraftError
 from torchgraft.freeze import trainable_summary
 from torchgraft.io.read import Source, load
@@ -42,14 +42,14 @@ def parser():
     p.add_argument("--key", default=None, help="take the weights from this entry of a training checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--all", action="store_true", help="list every tensor instead of collapsing layer indices")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files named name-<hash>.pth")
+    add_hash_check_argument(p)
     add_freeze_arguments(p)
     return p
 
 
 def run(source: str | None, model: str | None, model_kwargs: str | None, key: str | None, json: bool,
-        all: bool, no_verify: bool, freeze: list[str] | None = None, unfreeze: list[str] | None = None,
-        train_bn: bool = False) -> int:
+        all: bool, no_hash_check: bool = False, no_verify: bool = False, freeze: list[str] | None = None,
+        unfreeze: list[str] | None = None, train_bn: bool = False) -> int:
     if (source is None) == (model is None):
         raise GraftError("graft inspect takes a checkpoint path or --model SPEC (exactly one); "
                          "e.g. `graft inspect weights.pth` or `graft inspect --model torchvision:resnet18`.")
@@ -69,7 +69,7 @@ def run(source: str | None, model: str | None, model_kwargs: str | None, key: st
         else:
             _render_model(report)
         return 0
-    src = load(source, key=key, verify_hash=not no_verify)
+    src = load(source, key=key, verify_hash=hash_check(no_hash_check, no_verify))
     numeric = scan(src.tensors, list(src.info), release_pages=True)
     if json:
         print_json({**describe_source(src), "numeric": numeric})

@@ -8,18 +8,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch.nn as nn
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from torchgraft.cli.common import console, print_json
+from torchgraft.classes import read_class_names
+from torchgraft.cli.common import add_hash_check_argument, console, hash_check, print_json
 from torchgraft.errors import GraftError
 from torchgraft.io.read import load
-from torchgraft.io.write import atomic_write, refuse_same_path, save_safetensors
-from torchgraft.specs import build_model
+from torchgraft.io.write import atomic_write, refuse_same_path
 from torchgraft.summary import collapse_indices
-from torchgraft.transfer import DTYPES, Report, apply, meta_blockers, parameters_on_meta, plan
+from torchgraft.match.plan import DTYPES, Plan, plan
+from torchgraft.report import Report
+from torchgraft.transfer import build_target, transfer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _common(p) -> None:
     p.add_argument("--key", default=None, help="take the weights from this entry of a training checkpoint")
     p.add_argument("--source-classes", default=None, metavar="FILE", help="class names of the source, one per line")
     p.add_argument("--target-classes", default=None, metavar="FILE", help="class names of the target, one per line")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of files named name-<hash>.pth")
+    add_hash_check_argument(p)
 
 
 def plan_parser():
@@ -72,6 +73,8 @@ def plan_parser():
 
     p = new_parser(PLAN_DESCRIPTION)
     _common(p)
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="plan for every floating tensor of the output in this dtype")
     p.add_argument("--out", default=None, metavar="PLAN", help="write the plan as JSON (edit it, then --plan)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
@@ -83,7 +86,8 @@ def transfer_parser():
     p = new_parser(TRANSFER_DESCRIPTION)
     _common(p)
     p.add_argument("--plan", default=None, metavar="PLAN", help="apply this (reviewed) plan instead of matching")
-    p.add_argument("--out", default=None, metavar="OUT.safetensors", help="write the model's state_dict here")
+    p.add_argument("--out", default=None, metavar="OUT.safetensors",
+                   help="write the model's state_dict here (.safetensors, or .pth/.pt/.bin for a torch file)")
     p.add_argument("--report", default=None, metavar="REPORT.json", help="write the per-tensor report as JSON")
     p.add_argument("--strict", action="store_true", help="fail unless every target tensor is loaded or adapted")
     p.add_argument("--allow-new", nargs="*", default=[], metavar="PATTERN",
@@ -101,50 +105,27 @@ def transfer_parser():
 
 
 def _classes(path: str | None) -> list[str] | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise GraftError(f"{path}: class list not found; expected a text file with one class name per line.")
-    names = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not names:
-        raise GraftError(f"{path}: the class list is empty; expected one class name per line.")
-    return names
+    return None if path is None else read_class_names(path)
 
 
-def run_plan(source, model, model_kwargs, rules, key, source_classes, target_classes, no_verify, out, json) -> int:
+def run_plan(source, model, model_kwargs, rules, key, source_classes, target_classes, out, json, dtype=None,
+             no_hash_check=False, no_verify=False) -> int:
     if out is not None:
         refuse_same_path(out, source, rules)
-    src = load(source, key=key, verify_hash=not no_verify)
+    src = load(source, key=key, verify_hash=hash_check(no_hash_check, no_verify))
     target, _ = build_target(model, model_kwargs)  # planning reads shapes only
-    report = plan(src, target, rules=rules, source_classes=_classes(source_classes),
-                  target_classes=_classes(target_classes))
+    result = plan(src, target, rules=rules, source_classes=_classes(source_classes),
+                  target_classes=_classes(target_classes), dtype=dtype)
     if out is not None:
-        with atomic_write(out, "w") as f:
-            jsonlib.dump(report.to_dict(), f, indent=2)
+        result.save(out)
     if json:
-        print_json(report.to_dict())
+        print_json(result.to_dict())
     else:
-        render(report)
+        render(result)
         if out is not None:
             console.print(f"plan written to [bold]{out}[/]; apply it with `graft transfer {source} --model {model} "
                           f"--plan {out} --out OUT.safetensors`")
     return 0
-
-
-def build_target(spec: str, kwargs: str | dict | None) -> tuple[nn.Module, bool]:
-    """Build the model with its parameters on the meta device (no memory, no initialisation; buffers are built
-    as usual: `parameters_on_meta`); build it normally if its factory fails that way (one that reads a weight
-    while building). Returns the model and whether its parameters are on meta."""
-    try:
-        with parameters_on_meta():
-            model = build_model(spec, kwargs)
-    except Exception as exc:  # any failure: a normal build either works or raises the error the user should see
-        log.debug("%s: built normally, its factory fails with parameters on the meta device (%s: %s)", spec,
-                  type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
-        return build_model(spec, kwargs), False
-    log.debug("%s: built with its parameters on the meta device", spec)
-    return model, True
 
 
 class ProgressBars:
@@ -179,9 +160,9 @@ class ProgressBars:
             self._bars.stop()
 
 
-def run_transfer(source, model, model_kwargs, rules, key, source_classes, target_classes, no_verify, plan,
-                 out, report, strict, allow_new, dry_run, verify, source_model, source_model_kwargs, json,
-                 dtype=None) -> int:
+def run_transfer(source, model, model_kwargs, rules, key, source_classes, target_classes, plan, out, report, strict,
+                 allow_new, dry_run, verify, source_model, source_model_kwargs, json, dtype=None,
+                 no_hash_check=False, no_verify=False) -> int:
     if out is None and not dry_run:
         raise GraftError("graft transfer needs --out OUT.safetensors (or --dry-run to only report).")
     if verify and source_model is None:
@@ -193,105 +174,50 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
     for output in (out, report):
         if output is not None:
             refuse_same_path(output, source, rules, plan)
-    bars = ProgressBars()
-    src = load(source, key=key, verify_hash=not no_verify)
-    target, on_meta = build_target(model, model_kwargs)
-    s_classes, t_classes = _classes(source_classes), _classes(target_classes)
-    if plan is not None:
-        result = _read_plan(plan, src.path, target)
-    else:
-        from torchgraft.transfer import plan as make_plan
-
-        result = make_plan(src, target, rules=rules, source_classes=s_classes, target_classes=t_classes)
-    if strict:
-        result.check_strict(allow_new, source=src)
-    if on_meta:
-        blockers = meta_blockers(target, result)
-        if blockers:
-            log.debug("%s: built again normally, the meta-device model cannot receive this checkpoint as well: "
-                      "%s%s", model, blockers[0], f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else "")
-            target = build_model(model, model_kwargs)
-        else:
-            log.debug("%s: filled on the meta device; only modules with new tensors are initialised", model)
-    with bars:
-        apply(result, src, target, source_classes=s_classes, target_classes=t_classes, dtype=dtype,
-              progress=bars.bar("placing tensors"), release_pages=True)
-        checked = _verify(src, source_model, source_model_kwargs, target, result) if verify else None
-        if not dry_run and out is not None:
-            save_safetensors(target.state_dict(), out, metadata={"torchgraft.source": str(source),
-                                                                 "torchgraft.model": model},
-                             progress=bars.bar(f"writing {Path(out).name}"), release_pages=True)
-    if not dry_run:
-        if report is not None:
-            with atomic_write(report, "w") as f:
-                jsonlib.dump(_report_dict(result, checked), f, indent=2)
+    src = load(source, key=key, verify_hash=hash_check(no_hash_check, no_verify))
+    reviewed = Plan.read(plan) if plan is not None else None
+    with ProgressBars() as bars:
+        result = transfer(src, build=model, model_kwargs=model_kwargs, out=None if dry_run else out,
+                          plan=reviewed, rules=rules, strict=strict, allow_new=allow_new,
+                          source_classes=_classes(source_classes), target_classes=_classes(target_classes),
+                          dtype=dtype, source_model=source_model if verify else None,
+                          source_model_kwargs=source_model_kwargs,
+                          metadata={"torchgraft.source": str(source), "torchgraft.model": model},
+                          progress=bars.bar("placing tensors"),
+                          write_progress=bars.bar(f"writing {Path(out).name}") if out else None)
+    for note in result.notes:
+        log.debug("%s: %s", model, note)
+    if not dry_run and report is not None:
+        with atomic_write(report, "w") as f:
+            jsonlib.dump(result.to_dict(), f, indent=2)
     if json:
-        print_json(_report_dict(result, checked))
+        print_json(result.to_dict())
     else:
         render(result)
-        if checked is not None:
-            color = "green" if checked.ok else "red"
-            console.print(f"[{color}]verify:[/] {checked.summary()}")
+        if result.verification is not None:
+            color = "green" if result.verified else "red"
+            console.print(f"[{color}]verify:[/] {result.verification.summary()}")
         if out is not None and not dry_run:
             console.print(f"wrote [bold]{out}[/]" + (f" and [bold]{report}[/]" if report else ""))
     return 0
-
-
-def _report_dict(result: Report, checked) -> dict:
-    data = result.to_dict()
-    if checked is not None:
-        data["verify"] = checked.to_dict()
-    return data
-
-
-def _verify(src, spec, kwargs, target, result: Report):
-    from torchgraft.verify import verify
-
-    reference = build_model(spec, kwargs)
-    try:
-        reference.load_state_dict(src.state_dict(), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise GraftError(f"--source-model {spec}: the checkpoint does not load strictly into it "
-                         f"({first[1].strip() if len(first) > 1 else first[0]}); expected the model the checkpoint "
-                         "was saved from.") from None
-    return verify(reference, target, result)
-
-
-def _read_plan(path: str, source_path: str, model) -> Report:
-    from torchgraft.transfer import Entry
-
-    try:
-        data = jsonlib.loads(Path(path).read_text())
-        entries = [Entry(target=e["target"], source=e["source"], status=e["status"], method=e["method"],
-                         adapter=e.get("adapter"), note=e.get("note", ""), dim=e.get("dim"), part=e.get("part"))
-                   for e in data["entries"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise GraftError(f"{path}: not a plan written by `graft plan --out` ({type(exc).__name__}: {exc}).") from None
-    targets = set(model.state_dict())
-    unknown = [e.target for e in entries if e.target not in targets]
-    if unknown:
-        raise GraftError(f"{path}: the plan names {len(unknown)} tensors the model does not have (first: "
-                         f"{unknown[0]}); expected a plan made for this --model.")
-    state = model.state_dict()
-    return Report(source=source_path, target=type(model).__name__, entries=entries,
-                  unused_source=data.get("unused_source", []),
-                  target_numel={k: v.numel() for k, v in state.items()})
 
 
 def _source_text(source: str | list[str] | None) -> str:
     return source if isinstance(source, str) else "+".join(source or [])
 
 
-def render(report: Report) -> None:
+def render(report: Report | Plan) -> None:
+    """A Report's entries (loaded, adapted, new) or a Plan's steps (load, adapt, new) as a table, then counts."""
+    is_plan = isinstance(report, Plan)
+    items = report.steps if is_plan else report.entries
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("target", "status", "method", "source", "note"):
+    for col in ("target", "action" if is_plan else "status", "method", "source", "note"):
         table.add_column(col, overflow="fold")
-    colors = {"loaded": "green", "adapted": "cyan", "new": "yellow"}
+    colors = {"loaded": "green", "adapted": "cyan", "new": "yellow", "load": "green", "adapt": "cyan"}
     groups: dict[tuple, list] = {}
-    for e in report.entries:
-        groups.setdefault((e.status, e.method, e.adapter), []).append(e)
-    order = {"adapted": 0, "new": 1, "loaded": 2}  # what needs a look first
+    for e in items:
+        groups.setdefault((e.action if is_plan else e.status, e.method, e.adapter), []).append(e)
+    order = {"adapted": 0, "adapt": 0, "new": 1, "loaded": 2, "load": 2}  # what needs a look first
     for (status, method, adapter), entries in sorted(groups.items(), key=lambda kv: order[kv[0][0]]):
         targets = collapse_indices([e.target for e in entries])
         for label, members in targets[:8]:
@@ -307,7 +233,9 @@ def render(report: Report) -> None:
             table.add_row(f"[dim]... and {len(targets) - 8} more[/]", "", "", "", "")
     console.print(table)
     c = report.counts()
-    console.print(f"[green]{c['loaded']} loaded[/], [cyan]{c['adapted']} adapted[/], [yellow]{c['new']} new[/], "
+    loaded, adapted = ("to load", "to adapt") if is_plan else ("loaded", "adapted")
+    c_loaded, c_adapted = (c["load"], c["adapt"]) if is_plan else (c["loaded"], c["adapted"])
+    console.print(f"[green]{c_loaded} {loaded}[/], [cyan]{c_adapted} {adapted}[/], [yellow]{c['new']} new[/], "
                   f"{c['unused_source']} source tensors unused; {report.loaded_fraction:.1%} of the target's values "
                   "come from the source")
     for w in report.warnings:

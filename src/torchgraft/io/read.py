@@ -92,6 +92,21 @@ class Source:
         """Every tensor, read into memory (or memory-mapped where the format allows)."""
         return {k: self.tensors[k] for k in self.info}
 
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], name: str = "state_dict") -> Source:
+        """A state dict already in memory (`model.state_dict()`, a dict built by hand) as a Source, in its order.
+
+        Wrapper prefixes (`module.`, `_orig_mod.`) are removed and reported as for files; anything that is not a
+        tensor is refused."""
+        bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)),
+                   None)
+        if bad is not None:
+            raise CheckpointError(f"{name}: entry {bad[0]!r} is {type(bad[1]).__name__}; expected a state dict of "
+                                  "tensor names to tensors. Pass model.state_dict(), or its 'state_dict' entry.")
+        tensors, stripped = strip_wrapper_prefixes(dict(state))
+        return cls(path=name, format="state_dict", tensors=tensors, info=_info_of(tensors),
+                   wrapper=" > ".join(stripped) or None)
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

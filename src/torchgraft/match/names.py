@@ -27,7 +27,37 @@ from typing import Any
 
 from torchgraft.errors import GraftError
 
-__all__ = ["Rules", "PrefixChoice", "best_prefixes", "load_rules", "under_prefix", "KNOWN_PREFIXES"]
+__all__ = ["Rules", "PrefixChoice", "best_prefixes", "load_rules", "under_prefix", "is_benign", "BENIGN_TENSORS",
+           "KNOWN_PREFIXES"]
+
+
+@dataclass(frozen=True)
+class Benign:
+    """A tensor that may be missing from one side without harm."""
+
+    keeps: str
+    """What the target keeps when no source gives it (a transfer report's note)."""
+    history: str
+    """Why a file may lack it (a diff's note)."""
+
+
+#: The one table of tensors that do not matter, by local name: matching may leave them out of a module's
+#: signature, a transfer leaves them new without a warning, and `graft diff` explains them.
+BENIGN_TENSORS: dict[str, Benign] = {
+    "num_batches_tracked": Benign(
+        "a BatchNorm counter older files lack; it keeps its default (0)",
+        "BatchNorm `num_batches_tracked` counters, which PyTorch 0.4.1 added; files saved before it lack them. "
+        "They only matter with momentum=None and are safe to leave at their defaults"),
+    "position_ids": Benign(
+        "an index buffer (0, 1, 2, ...) the model builds itself",
+        "`position_ids` buffers (0, 1, 2, ...) that transformers builds itself; recent versions no longer save "
+        "them"),
+}
+
+
+def is_benign(key: str) -> bool:
+    """Whether a tensor key names one of `BENIGN_TENSORS`."""
+    return key.rpartition(".")[2] in BENIGN_TENSORS
 
 #: Prefixes that wrappers and task heads put in front of a backbone's names, tried on both sides.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "base_model.", "net.", "bert.",

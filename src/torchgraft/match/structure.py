@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from torchgraft.match.names import BENIGN_TENSORS
+
 __all__ = [
     "MAX_DP_CELLS",
     "OPTIONAL_TENSORS",
@@ -58,7 +60,7 @@ __all__ = [
     "tensor_pairs",
 ]
 
-OPTIONAL_TENSORS = frozenset({"num_batches_tracked"})
+OPTIONAL_TENSORS = frozenset(BENIGN_TENSORS)
 """Local tensor names that may be missing on one side without making two groups incompatible."""
 
 MAX_DP_CELLS = 160_000

@@ -1,0 +1,718 @@
+"""The plan: which source tensor(s) each target tensor takes, how, and why — decided by stages, kept as data.
+
+    plan(source, model) -> Plan        decide, reading names and shapes only
+    Plan.to_dict() / Plan.from_dict()  a file to review and edit (`graft plan --out`), applied as it is
+
+Matching is the ordered list `STAGES`. Each stage is a function over one shared `State`; it sees only the
+target tensors the stages before it left undecided and the source tensors they left unused, and records every
+decision as a `Step` with its evidence (`method`, `how`, `note`, `candidates`):
+
+    drops              source tensors a rule drops are never used
+    merges_and_splits  rules that join several source tensors into one target, or cut one into several
+    renames            rules that rename a source tensor              method: rule
+    exact              equal names                                    method: exact
+    prefixes           names equal once a prefix found by analysing both sides is removed
+                       (module., backbone., bert., ...)               method: prefix
+    structure          modules aligned by their tensors' shapes where names differ; only pairs every best
+                       alignment agrees on                            method: structure
+    stem               a renamed first convolution with other input channels, tied by its neighbours
+    adapters           each shape mismatch goes to the adapter registry (`torchgraft.adapt.ADAPTERS`): a
+                       named adapter with its arguments, or the tensor stays new and says why
+    casts              the dtype each value is placed in, when it changes
+
+A plan step never says `loaded`: its `action` is `load`, `adapt` or `new`; applying the plan
+(`torchgraft.transfer.apply`) returns a `Report` of what happened. Everything `apply` needs is in the plan
+(adapter names and arguments, class-row maps, split parts, casts), with fingerprints of the source and target
+it was made for, so a stale plan is refused instead of applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from torchgraft import adapt
+from torchgraft.classes import known_classes
+from torchgraft.errors import GraftError
+from torchgraft.io.read import Source, load
+from torchgraft.match.names import BENIGN_TENSORS, Rules, best_prefixes, is_benign, load_rules, under_prefix
+from torchgraft.match.structure import (
+    Group,
+    align,
+    groups_from_keys,
+    natural_order,
+    order_known,
+    signature,
+    tensor_pairs,
+)
+from torchgraft.report import LOW_OVERLAP, check_new, sources_of
+from torchgraft.summary import collapse_indices
+
+__all__ = ["Plan", "Step", "State", "STAGES", "ACTIONS", "PLAN_VERSION", "plan", "as_source", "DTYPES"]
+
+PLAN_FORMAT = "torchgraft.plan"
+PLAN_VERSION = 1
+#: What a step will do: place the source tensor as it is (or cut or joined exactly), place an adapter's output,
+#: or leave the model's own value.
+ACTIONS = ("load", "adapt", "new")
+#: The dtypes `dtype=` (and `graft transfer --dtype`) can name.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Step:
+    """What will happen to one target tensor, and the evidence for it."""
+
+    target: str
+    source: str | list[str] | None
+    action: str
+    """"load" | "adapt" | "new"."""
+    method: str
+    """The stage that decided: "exact" | "prefix" | "rule" | "rule:merge" | "rule:split" | "structure" | "none"."""
+    how: str = ""
+    """The evidence in a word or two: the alignment kind, the prefix removed, the rule that renamed."""
+    adapter: str | None = None
+    args: dict[str, Any] | None = None
+    """The adapter's arguments, all that applying it needs."""
+    note: str = ""
+    candidates: list[str] = field(default_factory=list)
+    """Source modules a target could come from, when the evidence does not single one out."""
+    cast: str | None = None
+    """The dtype the value is placed in, when it differs from the source tensor's."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"target": self.target, "source": self.source, "action": self.action,
+                               "method": self.method}
+        for name in ("how", "adapter", "args", "note", "candidates", "cast"):
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        return out
+
+
+def _fingerprint(shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> str:
+    text = json.dumps(sorted((k, list(s), d) for k, (s, d) in shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _source_shapes(source: Source) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(i.shape), i.dtype) for k, i in source.info.items()}
+
+
+def _target_shapes(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
+            for k, t in model.state_dict(keep_vars=True).items()}
+
+
+@dataclass
+class Plan:
+    """Every target tensor's step, the source tensors no step uses, and what the plan was made for."""
+
+    source: str
+    target: str
+    steps: list[Step]
+    unused_source: list[dict[str, str]] = field(default_factory=list)
+    """`{"source": key, "why": reason}` for each source tensor no step takes."""
+    warnings: list[str] = field(default_factory=list)
+    dtype: str | None = None
+    """None: each value takes the dtype of the target tensor; else every floating tensor ends in this dtype."""
+    fingerprint: dict[str, str] = field(default_factory=dict)
+    """`{"source": ..., "target": ...}`: hashes of the keys, shapes and dtypes the plan was made for."""
+    target_numel: dict[str, int] = field(default_factory=dict, repr=False)
+    numeric: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False, compare=False)
+    """Numeric problems of source tensors already checked (by `check_strict`), so `apply` reads each once."""
+    origin: str = field(default="plan", repr=False, compare=False)
+    """Where the plan was read from, for error messages."""
+
+    def step(self, target: str) -> Step:
+        for s in self.steps:
+            if s.target == target:
+                return s
+        raise KeyError(target)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(s.action for s in self.steps)
+        return {**{a: c.get(a, 0) for a in ACTIONS}, "unused_source": len(self.unused_source)}
+
+    @property
+    def loaded_fraction(self) -> float:
+        """Share of the target's elements the plan takes from the source."""
+        total = sum(self.target_numel.values()) or 1
+        return sum(self.target_numel.get(s.target, 0) for s in self.steps if s.action != "new") / total
+
+    def summary(self, max_rows: int = 12) -> str:
+        c = self.counts()
+        lines = [f"{c['load']} to load, {c['adapt']} to adapt, {c['new']} new, {c['unused_source']} source tensors "
+                 f"unused ({self.loaded_fraction:.1%} of the target's values from the source)"]
+        lines += [f"warning: {w}" for w in self.warnings]
+        rows = collapse_indices([s.target for s in self.steps if s.action == "new" and not is_benign(s.target)])
+        if rows:
+            lines.append("new:")
+            lines += [f"  {label}" + (f"  x{len(m)}" if len(m) > 1 else "") for label, m in rows[:max_rows]]
+            if len(rows) > max_rows:
+                lines.append(f"  ... and {len(rows) - max_rows} more (Plan.to_dict() lists them all)")
+        return "\n".join(lines)
+
+    def check_strict(self, allow_new: Sequence[str] = (), source: Source | None = None) -> None:
+        """Raise unless every target tensor will be loaded or adapted (benign buffers and `allow_new` globs
+        aside), and (with `source`) unless every source tensor the plan takes is finite."""
+        from torchgraft.numeric import check_tensor, describe_problems
+
+        check_new(self.steps, allow_new, "new")
+        if source is None:
+            return
+        bad = []
+        for s in self.steps:
+            for name in sources_of(s.source) if s.action != "new" else []:
+                if name not in self.numeric and name in source.info:
+                    self.numeric[name] = check_tensor(name, source[name])
+                bad += [p for p in self.numeric.get(name, []) if p["problem"] in ("nan", "inf")]
+        if bad:
+            raise GraftError(
+                f"--strict: {len(bad)} loaded source tensors hold NaN or infinite values ({describe_problems(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}); the checkpoint is damaged or diverged. Nothing was written. "
+                "Use another checkpoint, or drop those tensors with a rule."
+            )
+
+    # -- as a file
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "source": self.source,
+            "target": self.target,
+            "fingerprint": self.fingerprint,
+            "dtype": self.dtype,
+            "summary": self.counts(),
+            "steps": [s.to_dict() for s in self.steps],
+            "unused_source": self.unused_source,
+            "warnings": self.warnings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "plan") -> Plan:
+        """A plan from `to_dict()`'s form (a reviewed, perhaps edited file); every field is checked."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            old = isinstance(data, dict) and "entries" in data
+            raise GraftError(f"{where}: " + ("a plan written by an older torchgraft (no format version)" if old else
+                                             "not a plan written by `graft plan --out`")
+                             + f"; expected a JSON object with \"format\": \"{PLAN_FORMAT}\". Re-run `graft plan`.")
+        if data.get("version") != PLAN_VERSION:
+            raise GraftError(f"{where}: plan format version {data.get('version')!r}; this torchgraft reads version "
+                             f"{PLAN_VERSION}. Re-run `graft plan` with this torchgraft.")
+        steps_data = data.get("steps")
+        if not isinstance(steps_data, list):
+            raise GraftError(f"{where}: \"steps\" is {type(steps_data).__name__}; expected a list of steps.")
+        steps = [_step_from_dict(item, f"{where}: step {i + 1}") for i, item in enumerate(steps_data)]
+        dtype = data.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise GraftError(f"{where}: dtype {dtype!r}; expected null or one of {', '.join(DTYPES)}.")
+        unused = data.get("unused_source", [])
+        if not isinstance(unused, list) or not all(isinstance(u, dict) and isinstance(u.get("source"), str)
+                                                   for u in unused):
+            raise GraftError(f"{where}: \"unused_source\" must be a list of {{\"source\": KEY, \"why\": TEXT}}.")
+        fingerprint = data.get("fingerprint") or {}
+        if not isinstance(fingerprint, dict):
+            raise GraftError(f"{where}: \"fingerprint\" must be an object; re-run `graft plan`.")
+        warnings = [str(w) for w in data.get("warnings") or []]
+        return cls(source=str(data.get("source", "")), target=str(data.get("target", "")), steps=steps,
+                   unused_source=[{"source": u["source"], "why": str(u.get("why", ""))} for u in unused],
+                   warnings=warnings, dtype=dtype, fingerprint={str(k): str(v) for k, v in fingerprint.items()})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON, atomically."""
+        from torchgraft.io.write import atomic_write
+
+        with atomic_write(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise GraftError(f"{path}: cannot read the plan ({type(exc).__name__}: {exc}); expected a JSON file "
+                             "written by `graft plan --out`.") from None
+        result = cls.from_dict(data, where=str(path))
+        result.origin = str(path)
+        return result
+
+    def check_fits(self, source: Source, model: nn.Module) -> None:
+        """Refuse a plan made for another source or model, or one they have changed since: one error naming the
+        first key that does not fit."""
+        where = self.origin
+        target = _target_shapes(model)
+        src = _source_shapes(source)
+        for s in self.steps:
+            if s.target not in target:
+                raise GraftError(f"{where}: the plan names target tensor {s.target!r}, which the model does not "
+                                 "have; expected a plan made for this --model. Re-run `graft plan`.")
+            for name in sources_of(s.source) if s.action != "new" else []:
+                if name not in src:
+                    raise GraftError(f"{where}: the plan takes source tensor {name!r} (for {s.target}), which "
+                                     f"{source.path} does not hold; expected a plan made for this checkpoint. "
+                                     "Re-run `graft plan`.")
+            if s.action == "load" and s.adapter is None and isinstance(s.source, str) \
+                    and src[s.source][0] != target[s.target][0]:
+                raise GraftError(f"{where}: the plan loads {s.source} {list(src[s.source][0])} into {s.target} "
+                                 f"{list(target[s.target][0])}; expected equal shapes or an adapter. Fix the step "
+                                 "or re-run `graft plan`.")
+        missing = [k for k in target if k not in {s.target for s in self.steps}]
+        if missing:
+            raise GraftError(f"{where}: the model has {len(missing)} tensors the plan does not mention (first: "
+                             f"{missing[0]}); expected a plan made for this --model. Re-run `graft plan`.")
+        for side, shapes, mentioned in (("source", src, self._source_keys()), ("target", target, set(target))):
+            expected = self.fingerprint.get(side)
+            if expected is None or expected == _fingerprint(shapes):
+                continue
+            new = [k for k in shapes if k not in mentioned]
+            what = source.path if side == "source" else "the model"
+            first = (f"{new[0]!r} is not in the plan" if new else
+                     "the same keys, but shapes or dtypes differ")
+            raise GraftError(f"{where}: a stale plan: {what} changed since it was made ({first}); expected the "
+                             f"{side} the plan was made for. Re-run `graft plan`.")
+
+    def _source_keys(self) -> set[str]:
+        keys = {u["source"] for u in self.unused_source}
+        for s in self.steps:
+            keys.update(sources_of(s.source))
+        return keys
+
+
+def _step_from_dict(item: Any, where: str) -> Step:
+    if not isinstance(item, dict) or not isinstance(item.get("target"), str):
+        raise GraftError(f"{where}: expected an object with a \"target\" tensor name.")
+    target = item["target"]
+    action = item.get("action")
+    if action not in ACTIONS:
+        raise GraftError(f"{where} ({target}): action {action!r}; expected one of {', '.join(ACTIONS)}.")
+    source = item.get("source")
+    if not (source is None or isinstance(source, str)
+            or isinstance(source, list) and source and all(isinstance(x, str) for x in source)):
+        raise GraftError(f"{where} ({target}): source {source!r}; expected a tensor name, a list of them, or null.")
+    if action != "new" and source is None:
+        raise GraftError(f"{where} ({target}): action {action!r} without a source; expected a source tensor name, "
+                         "or action \"new\".")
+    name, args = item.get("adapter"), item.get("args")
+    if name is not None:
+        adapter = adapt.get(name, f"{where} ({target})")
+        args = adapter.check_args(args, f"{where} ({target})")
+        if action == "new":
+            raise GraftError(f"{where} ({target}): action \"new\" with adapter {name!r}; expected \"load\" or "
+                             "\"adapt\" for an adapter, or no adapter.")
+    elif action == "adapt":
+        raise GraftError(f"{where} ({target}): action \"adapt\" without an adapter; expected one of "
+                         f"{', '.join(sorted(adapt.ADAPTERS))}.")
+    elif isinstance(source, list):
+        raise GraftError(f"{where} ({target}): several sources without the \"merge\" adapter.")
+    cast = item.get("cast")
+    if cast is not None and cast not in DTYPES and not isinstance(cast, str):
+        raise GraftError(f"{where} ({target}): cast {cast!r}; expected a dtype name or null.")
+    candidates = item.get("candidates") or []
+    return Step(target=target, source=source, action=action, method=str(item.get("method", "rule")),
+                how=str(item.get("how", "")), adapter=name, args=args, note=str(item.get("note", "")),
+                candidates=[str(c) for c in candidates], cast=cast)
+
+
+# ---- the shared state -------------------------------------------------------------------------------------
+
+
+def _first_conv(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("first_conv"), str):
+        return cfg["first_conv"]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return name
+    return None
+
+
+@dataclass
+class _Pending:
+    """A pair whose shapes differ: the adapters stage decides."""
+
+    target: str
+    source: str
+    method: str
+    how: str
+    note: str
+
+
+class State:
+    """What the stages share: both sides' shapes, the steps decided so far, and the source tensors used."""
+
+    def __init__(self, source: Source, model: nn.Module, rules: Rules, source_classes: Sequence[str] | None,
+                 target_classes: Sequence[str] | None, dtype: str | None) -> None:
+        self.source, self.model, self.rules = source, model, rules
+        self.source_classes, self.target_classes, self.dtype = source_classes, target_classes, dtype
+        state = model.state_dict(keep_vars=True)
+        self.tgt = {k: tuple(v.shape) for k, v in state.items()}
+        self.tgt_dtype = {k: str(v.dtype).removeprefix("torch.") for k, v in state.items()}
+        self.tgt_floating = {k: v.dtype.is_floating_point for k, v in state.items()}
+        self.tgt_numel = {k: v.numel() for k, v in state.items()}
+        self.src = {k: tuple(i.shape) for k, i in source.info.items()}
+        self.modules = dict(model.named_modules())
+        self.first_conv = _first_conv(model)
+        self.steps: dict[str, Step] = {}
+        self.used: set[str] = set()
+        self.why_unused: dict[str, str] = {}
+        self.pending: list[_Pending] = []
+        self.warnings: list[str] = []
+
+    def free_targets(self) -> list[str]:
+        return [k for k in self.tgt if k not in self.steps]
+
+    def free_sources(self) -> dict[str, tuple[int, ...]]:
+        return {k: s for k, s in self.src.items() if k not in self.used and k not in self.why_unused}
+
+    def take(self, target: str, source: str | list[str], method: str, how: str = "", note: str = "",
+             adapter: str | None = None, args: dict[str, Any] | None = None) -> None:
+        """Decide that `target` loads `source` (exactly, or cut or joined by an exact adapter)."""
+        self.steps[target] = Step(target, source, "load", method, how, adapter, args, note)
+        self.used.update(sources_of(source))
+
+    def pair(self, target: str, source: str, method: str, how: str = "", note: str = "") -> None:
+        """`target` comes from `source`: loaded when the shapes agree, else left to the adapters stage."""
+        if self.src[source] == self.tgt[target]:
+            self.take(target, source, method, how, note)
+        else:
+            self.pending.append(_Pending(target, source, method, how, note))
+            self.used.add(source)
+            self.steps[target] = Step(target, source, "new", method, how, note="(shape mismatch, pending)")
+
+    def leave_new(self, group: Group, note: str, candidates: Sequence[str] = ()) -> None:
+        for n, _ in group.tensors:
+            key = _join(group.name, n)
+            self.steps[key] = Step(key, None, "new", "none", note=note, candidates=list(candidates))
+
+
+# ---- the stages, in order ---------------------------------------------------------------------------------
+
+
+def drops(st: State) -> None:
+    """Source tensors a rule drops are never used."""
+    for k in st.src:
+        if st.rules.is_dropped(k):
+            st.why_unused[k] = "dropped by a rule"
+
+
+def merges_and_splits(st: State) -> None:
+    """Rules that concatenate several source tensors into one target, or cut one into equal parts."""
+    free = st.free_sources()
+    for target, sources, dim in st.rules.expand_merges(free):
+        if target not in st.tgt or target in st.steps or not all(s in free for s in sources):
+            continue
+        shapes = [list(st.src[s]) for s in sources]
+        total = list(shapes[0])
+        total[dim] = sum(s[dim] for s in shapes)
+        rest = shapes[0][:dim] + shapes[0][dim + 1:]
+        if tuple(total) == st.tgt[target] and all(s[:dim] + s[dim + 1:] == rest for s in shapes):
+            args = {"dim": dim}
+            st.take(target, list(sources), "rule:merge", "merge rule", adapt.get("merge").sentence(args, (), ()),
+                    "merge", args)
+    free = st.free_sources()
+    for source, targets, dim in st.rules.expand_splits(free):
+        if source not in free or any(t not in st.tgt or t in st.steps for t in targets):
+            continue
+        shape = list(st.src[source])
+        if shape[dim] % len(targets):
+            continue
+        chunk = shape[:dim] + [shape[dim] // len(targets)] + shape[dim + 1:]
+        if all(st.tgt[t] == tuple(chunk) for t in targets):
+            for i, t in enumerate(targets):
+                args = {"dim": dim, "part": i, "parts": len(targets)}
+                st.take(t, source, "rule:split", "split rule", adapt.get("split").sentence(args, (), ()), "split",
+                        args)
+
+
+def renames(st: State) -> None:
+    """Rules that rename a source tensor."""
+    for s in list(st.free_sources()):
+        hit = st.rules.renamed(s)
+        if hit is None:
+            continue
+        target, rule = hit
+        if target in st.tgt and target not in st.steps:
+            st.pair(target, s, "rule", rule, note=f"renamed by {rule!r}")
+
+
+def exact(st: State) -> None:
+    """Equal names."""
+    free = st.free_sources()
+    for t in st.free_targets():
+        if t in free:
+            st.pair(t, t, "exact")
+
+
+def prefixes(st: State) -> None:
+    """Names equal once prefixes found by analysing both sides are removed (`module.`, `backbone.` ...). A
+    prefix renames only the names under it; two that fit equally well but pair differently are a warning."""
+    free = st.free_sources()
+    targets = {t: st.tgt[t] for t in st.free_targets()}
+    if not free or not targets:
+        return
+    choice = best_prefixes(free, targets)
+    if choice.rivals:
+        shown = " and ".join(f"{sp or '(none)'!r} -> {tp or '(none)'!r}" for sp, tp in choice.rivals[:3])
+        sp, tp = choice.rivals[0]
+        st.warnings.append(
+            f"prefixes {shown} fit equally well but pair the tensors differently (two copies of one network?); "
+            f"none was used. Choose with a rule, e.g. rename: {{'re:^{re.escape(sp)}': '{tp}'}}")
+    sp, tp = choice.source, choice.target
+    if choice.hits <= 0 or not (sp or tp):
+        return
+    by_name = under_prefix(free, sp)
+    parts = [f"source prefix {sp!r} removed" if sp else "", f"target prefix {tp!r} removed" if tp else ""]
+    note = "; ".join(p for p in parts if p)
+    for rest, t in under_prefix(targets, tp).items():
+        s = by_name.get(rest)
+        if s is not None and s not in st.used:
+            st.pair(t, s, "prefix", f"{sp or '(none)'} -> {tp or '(none)'}", note)
+
+
+def structure(st: State) -> None:
+    """Modules aligned by their tensors' names and shapes where module names differ (`match.structure`)."""
+    free = st.free_sources()
+    targets = st.free_targets()
+    if not free or not targets:
+        return
+    # Module classes are not compared: libraries name the same computation differently (BatchNorm2d in
+    # torchvision, BatchNormAct2d in timm); shapes and local tensor names decide.
+    # A file stored with keys sorted as strings (safetensors) has lost its module order. natural_order puts
+    # numbered modules back in order; when that is the whole order that matters (`order_known`), align
+    # against the model's own order, leaving out the positions of the groups a sort may have moved (their
+    # place does not matter). Otherwise put both sides in the same canonical order, so that `blocks.2`
+    # meets `blocks.2`, and load by position only under equal names.
+    order_lost = _string_sorted(list(st.src))
+    src_groups = groups_from_keys({k: free[k] for k in (natural_order(free) if order_lost else free)})
+    tgt_groups = groups_from_keys({k: st.tgt[k] for k in targets})
+    cut_at_anchors = True
+    if order_lost and _order_recovered(src_groups, tgt_groups):
+        order_lost = cut_at_anchors = False
+    elif order_lost:
+        tgt_groups = groups_from_keys({k: st.tgt[k] for k in natural_order(sorted(targets))})
+    for m in align(src_groups, tgt_groups, cut_at_anchors=cut_at_anchors):
+        tg = tgt_groups[m.target]
+        if m.source is None:
+            if m.candidates:
+                names = [src_groups[i].name or "(root)" for i in m.candidates]
+                more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+                st.leave_new(tg, f"ambiguous: fits source modules {', '.join(names[:4])}{more} equally well; add a "
+                                 "rename rule to choose", names)
+            continue
+        sg = src_groups[m.source]
+        if order_lost and m.how != "unique-signature" and _local(sg.name) != _local(tg.name):
+            # Aligned by position in an order the file did not keep, under other names: not evidence enough.
+            st.leave_new(tg, f"might be source module {sg.name or '(root)'}, but the file stores keys sorted by "
+                             "name, so its module order is unknown; add a rename rule to load it", [sg.name])
+            continue
+        for s_name, t_name in tensor_pairs(sg, tg):
+            st.take(_join(tg.name, t_name), _join(sg.name, s_name), "structure", m.how,
+                    note=f"module {sg.name or '(root)'} -> {tg.name or '(root)'} ({m.how})")
+
+
+def stem(st: State) -> None:
+    """The first convolution when its input channels changed and its name did too (timm's `in_chans=4` model
+    from torchvision's file): the first convolution of each side, in module order, paired only when every other
+    dimension agrees and the modules right after them were matched to each other. It then goes to the
+    `input_channels` adapter, with its bias if it has one."""
+    name = st.first_conv
+    key = f"{name}.weight"
+    if name is None or key not in st.tgt or key in st.steps:
+        return
+    order = _source_order(st)
+    t = st.tgt[key]
+    first = next((k for k in order or () if k.endswith(".weight") and len(st.src[k]) == len(t) >= 3), None)
+    if first is None or first in st.used or first in st.why_unused:
+        return
+    s = st.src[first]
+    if not (s[0] == t[0] and s[2:] == t[2:] and s[1] != t[1]):
+        return
+    s_module = first.rpartition(".")[0]
+    s_next, t_next = _module_after(order, s_module), _module_after(st.tgt, name)
+    if s_next is None or t_next is None:
+        return
+    loaded_from = {step.source.rpartition(".")[0] for k, step in st.steps.items()
+                   if k.rpartition(".")[0] == t_next and step.action == "load" and isinstance(step.source, str)}
+    if loaded_from != {s_next}:
+        return  # nothing confirms that these two are the same place in the network
+    note = f"first convolution {s_module} -> {name}, as {s_next} -> {t_next} after it"
+    st.pair(key, first, "structure", "stem", note)
+    bias_s, bias_t = f"{s_module}.bias", f"{name}.bias"
+    if bias_t in st.tgt and bias_t not in st.steps and bias_s in st.free_sources() \
+            and st.src[bias_s] == st.tgt[bias_t]:
+        st.take(bias_t, bias_s, "structure", "stem", note)
+
+
+def adapters(st: State) -> None:
+    """Each pair whose shapes differ goes to the adapter registry: a named adapter with its arguments, or the
+    target stays new and the source unused, each saying why. Nothing is cropped."""
+    prefix_tokens = getattr(st.model, "num_prefix_tokens", 1)
+    for p in st.pending:
+        s, t = st.src[p.source], st.tgt[p.target]
+        module = st.modules.get(p.target.rpartition(".")[0])
+        fit = adapt.Fit(p.target, p.source, t, s, module, p.target.rpartition(".")[0] == st.first_conv,
+                        st.source_classes, st.target_classes,
+                        prefix_tokens if isinstance(prefix_tokens, int) else 1)
+        chosen = adapt.choose(fit)
+        before = f"{p.note}; " if p.note else ""
+        if isinstance(chosen, tuple):
+            adapter, args = chosen
+            st.steps[p.target] = Step(p.target, p.source, "load" if adapter.exact else "adapt", p.method, p.how,
+                                      adapter.name, args, before + adapter.sentence(args, s, t))
+            continue
+        why = chosen or (f"source {p.source} has shape {list(s)}, target {list(t)}; not cropped — a rule can ask "
+                         "for it")
+        st.steps[p.target] = Step(p.target, None, "new", "none", note=before + why)
+        st.used.discard(p.source)
+        st.why_unused[p.source] = f"shape {list(s)} does not fit {p.target} {list(t)}"
+
+
+def casts(st: State) -> None:
+    """Record the dtype each value is placed in when it changes: the target tensor's dtype, or `dtype` for
+    every floating tensor."""
+    for key, step in st.steps.items():
+        out = st.tgt_dtype[key]
+        if st.dtype is not None and st.tgt_floating[key]:
+            out = st.dtype
+        first = sources_of(step.source)[:1] if step.action != "new" else []
+        before = st.source.info[first[0]].dtype if first else st.tgt_dtype[key]
+        if before != out:
+            step.cast = out
+            cast = f"cast {before} -> {out}"
+            step.note = f"{step.note}; {cast}" if step.note else cast
+
+
+#: The matching stages, in the order they run; each sees only what the stages before it left.
+STAGES: tuple[Callable[[State], None], ...] = (drops, merges_and_splits, renames, exact, prefixes, structure, stem,
+                                               adapters)
+
+
+def _finish(st: State) -> Plan:
+    for t in st.tgt:
+        if t not in st.steps:
+            benign = BENIGN_TENSORS.get(t.rsplit(".", 1)[-1])
+            st.steps[t] = Step(t, None, "new", "none", note=benign.keeps if benign else "no source tensor matches")
+    casts(st)
+    steps = [st.steps[t] for t in st.tgt]
+    unused = [{"source": k, "why": st.why_unused.get(k, "no target tensor matches its name or structure")}
+              for k in st.src if k not in st.used]
+    result = Plan(source=st.source.path, target=type(st.model).__name__, steps=steps, unused_source=unused,
+                  warnings=list(st.warnings), dtype=st.dtype,
+                  fingerprint={"source": _fingerprint(_source_shapes(st.source)),
+                               "target": _fingerprint(_target_shapes(st.model))},
+                  target_numel=st.tgt_numel)
+    if result.loaded_fraction < LOW_OVERLAP:
+        result.warnings.append(
+            f"only {result.loaded_fraction:.1%} of the target's values come from {st.source.path}: is this the "
+            "right checkpoint for this model?")
+    return result
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+
+def _local(module: str) -> str:
+    return module.rpartition(".")[2]
+
+
+def _join(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
+
+
+def _module_after(keys: Iterable[str], module: str) -> str | None:
+    """The module whose tensors come next after `module`'s among `keys` (tensor names in module order)."""
+    modules = list(dict.fromkeys(k.rpartition(".")[0] for k in keys))
+    i = modules.index(module) + 1
+    return modules[i] if i < len(modules) else None
+
+
+def _order_recovered(src_groups: list[Group], tgt_groups: list[Group]) -> bool:
+    """Whether natural order gave a string-sorted source all the module order alignment needs: the only groups
+    that may still be out of place are those whose place does not matter — a signature unique on both sides
+    (matched wherever it stands) or absent from the target (never matched: an old head, a changed stem)."""
+    count_s = Counter(signature(g) for g in src_groups)
+    count_t = Counter(signature(g) for g in tgt_groups)
+
+    def placeless(g: Group) -> bool:
+        sig = signature(g)
+        return count_t[sig] == 0 or count_s[sig] == count_t[sig] == 1
+
+    return order_known(src_groups, placeless)
+
+
+def _source_order(st: State) -> list[str] | None:
+    """The source's keys in module order, or None when a string-sorted file lost an order that matters."""
+    keys = list(st.src)
+    if not _string_sorted(keys):
+        return keys
+    keys = natural_order(keys)
+    src_groups = groups_from_keys({k: st.src[k] for k in keys})
+    return keys if _order_recovered(src_groups, groups_from_keys(st.tgt)) else None
+
+
+def _string_sorted(keys: list[str]) -> bool:
+    return len(keys) > 1 and keys == sorted(keys)
+
+
+def as_source(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str]) -> Source:
+    """What users hold, as a Source: a Source as it is, a state dict (`Source.from_state_dict`), or a path."""
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, Mapping):
+        return Source.from_state_dict(source)
+    if isinstance(source, (str, os.PathLike)):
+        return load(source)
+    raise GraftError(f"found a source of type {type(source).__name__}; expected a checkpoint path, a Source from "
+                     "torchgraft.load, or a state dict of tensors.")
+
+
+def resolve_classes(src: Source, given: Sequence[str] | None,
+                    target_classes: Sequence[str] | None) -> Sequence[str] | None:
+    """Class names of the source's classifier: as given, else known for its file (classes.txt, torchvision)."""
+    if given is None and target_classes is not None:
+        return known_classes(src.path)
+    return given
+
+
+def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+    """A `dtype=` argument as one of `DTYPES`' names (None stays None)."""
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise GraftError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}, or None to give "
+                         "each loaded tensor the dtype of the target tensor it goes into.")
+    return name
+
+
+def plan(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str], model: nn.Module, *,
+         rules: Any = None, source_classes: Sequence[str] | None = None,
+         target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None) -> Plan:
+    """Decide, without touching any values, which source tensor(s) each target tensor takes.
+
+    Args:
+        source: a checkpoint path, a `Source` from `torchgraft.load`, or a state dict.
+        model: the target model (it may be on the meta device: only names and shapes are read).
+        rules: rename/drop/merge/split rules (a dict, a YAML/JSON path, or `Rules`).
+        source_classes, target_classes: class names; when both are known, a classifier with another class
+            count keeps the rows of the classes the two share (the row map is in the plan).
+        dtype: None, or "float32", "float16", "bfloat16" for every floating tensor of the result.
+    """
+    src = as_source(source)
+    st = State(src, model, load_rules(rules), resolve_classes(src, source_classes, target_classes), target_classes,
+               dtype_name(dtype))
+    for stage in STAGES:
+        stage(st)
+    return _finish(st)
