@@ -5,7 +5,9 @@
 1. setup: processes (torchrun / DDP), seeds, data, the model with a classifier for the data's classes, the
    pretrained weights through the transfer engine, the freezing schedule, the optimizer;
 2. train: each epoch unfreezes what is due, trains, validates, appends metrics.jsonl, writes last.ckpt
-   (atomically) and model.safetensors when validation improved; a linear probe trains on cached features;
+   (atomically) and model.safetensors when validation improved. One training loop serves both inputs: images
+   through the model, or, for a linear probe, the frozen backbone's features (computed once) through the
+   classifier;
 3. save: curves.png, confusion.png, classes.txt; the best model is already on disk.
 
 `--resume RUN_DIR` rebuilds the run from config.yaml and last.ckpt and continues after the last finished epoch.
@@ -14,11 +16,13 @@ Progress goes to a `Reporter` (the CLI draws bars and tables with it); the libra
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,6 +45,8 @@ from torchgraft.transfer import Report, transfer
 __all__ = ["finetune", "Reporter", "RunResult", "build_classifier_model", "find_head"]
 
 log = logging.getLogger(__name__)
+
+_Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels)
 
 FEW_SHOT = 20  # fewer training images than this in some class: a linear probe by default
 
@@ -198,12 +204,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     reporter = reporter if (reporter is not None and dist_info.main) else _Silent()
     torch.manual_seed(config.seed + dist_info.rank)
     if resume:
-        if dist_info.main:  # temp files of writes a killed run left half done: never read, removed
-            for stale in out.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
-        if not (out / "last.ckpt").is_file():  # killed during the first epoch: nothing to lose, start it again
-            log.info("%s: no last.ckpt yet (the run stopped in its first epoch); starting it from epoch 0", out)
-            resume = False
+        resume = _ready_to_resume(out, dist_info)
 
     # -- data
     splits = find_splits(config.data, config.val_split, config.seed)
@@ -232,104 +233,146 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
         freeze(model, *config.freeze)
     group_kwargs = {"weight_decay": config.weight_decay, "lr_mult": config.lr_mult or None,
                     "layer_decay": config.layer_decay}
-    optimizer = torch.optim.AdamW(param_groups(model, lr=config.lr, **group_kwargs), lr=config.lr,
-                                  weight_decay=config.weight_decay)
 
-    start_epoch, best_acc, best_epoch, rows = 0, -1.0, -1, []
+    def new_optimizer(m: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(m, lr=config.lr, **group_kwargs), lr=config.lr,
+                                 weight_decay=config.weight_decay)
+
+    optimizer = new_optimizer(model)
+
+    # -- the run folder: continue the saved run, or start a new one
     if resume:
-        state = load_checkpoint(out / "last.ckpt")
-        model.load_state_dict(state["model"])
-        schedule.load_state_dict(state["schedule"])
-        optimizer = schedule.restore(model, lambda m: torch.optim.AdamW(
-            param_groups(m, lr=config.lr, **group_kwargs), lr=config.lr, weight_decay=config.weight_decay))
-        if config.freeze:
-            freeze(model, *config.freeze)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_epoch, best_acc, best_epoch = state["epoch"] + 1, state["best_acc"], state["best_epoch"]
-        rows = _read_rows(out / "metrics.jsonl", upto=state["epoch"])
-    elif dist_info.main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_text(out / "classes.txt", "\n".join(classes) + "\n")
-        _write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        _write_text(out / "metrics.jsonl", "")
+        optimizer, start_epoch, best, rows = _restore(out, config, model, schedule, new_optimizer)
+    else:
+        start_epoch, best, rows = 0, _Best(), []
+        if dist_info.main:
+            _start_run_folder(out, config, classes)
 
-    model.to(dist_info.device)
-    cuda = dist_info.device.type == "cuda"
+    # -- devices, loaders, and what each step trains on
+    device = dist_info.device
+    cuda = device.type == "cuda"
+    model.to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
-    train_model: nn.Module = model
-
-    # -- loaders
+    train_model: nn.Module = model  # the DDP wrapper under torchrun, once built
     augment = config.augment and not config.linear_probe
     train_set = ImageList(splits.train, build_transforms(pre, train=True, augment=augment, hflip=config.hflip))
     val_set = ImageList(splits.val, build_transforms(pre, train=False, augment=False, hflip=False))
     train_loader = _loader(train_set, config, dist_info, shuffle=True)
     val_loader = _loader(val_set, config, dist_info, shuffle=False)
     use_cache = config.linear_probe and config.feature_cache and dist_info.world == 1
-    cache = _FeatureCache(model, head) if use_cache else None
-
+    cache = _FeatureCache(model, head, device) if use_cache else None
     phases = _Phases(sorted({0} | {e for e, _ in steps if e < config.epochs}), config.epochs, len(train_loader),
                      config.warmup)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    amp = _autocast(dist_info.device)
+    amp = _autocast(device)
     scaler = torch.amp.GradScaler("cuda") if cuda and amp.fast_dtype == torch.float16 else None
 
-    # -- train
+    # -- train: each epoch unfreezes what is due, trains, validates, and saves
     for epoch in range(start_epoch, config.epochs):
         added = schedule.step(epoch, model, optimizer, lr=config.lr * config.backbone_lr_mult, **group_kwargs)
         if config.freeze and added:
             freeze(model, *config.freeze)
         if dist_info.world > 1 and (added or train_model is model):
             # DDP synchronises the parameters that train when it is built: build it again when more unfreeze.
-            train_model = nn.parallel.DistributedDataParallel(model, device_ids=[dist_info.device.index] if cuda
-                                                              else None)
+            train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        _seed_data_order(train_loader, epoch, config.seed)
         phase = _phase_name(steps, epoch)
-        if isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        else:  # the order (and augmentation seeds) depend on the epoch alone, so a resumed run repeats them
-            train_loader.generator.manual_seed(config.seed + epoch)
         started = time.perf_counter()
         reporter.epoch_start(epoch, config.epochs, len(train_loader), phase)
-        train_model.train()
-        if cache is not None:
-            train_loss, train_acc, lr = cache.train_epoch(train_loader, optimizer, loss_fn, epoch, phases,
-                                                          reporter, dist_info.device)
+        if cache is not None:  # a linear probe: the classifier alone, on the frozen backbone's features
+            train, val = cache.train_feed(train_loader, epoch), cache.val_feed(val_loader, amp)
         else:
-            train_loss, train_acc, lr = _train_epoch(train_model, train_loader, optimizer, loss_fn, epoch, phases,
-                                                     reporter, dist_info, amp, scaler)
-        val_loss, confusion = _validate(model, val_loader, loss_fn, len(classes), dist_info, amp,
-                                        cache)
+            train = _Feed(train_model, _images(train_loader, device), amp, scaler)
+            val = _Feed(model, _images(val_loader, device), amp)
+        train_loss, train_acc, lr = _train_epoch(train, optimizer, loss_fn, functools.partial(phases.factor, epoch),
+                                                 reporter, dist_info, epoch)
+        val_loss, confusion = _validate(model, val, loss_fn, len(classes))
         val_acc = int(confusion.diag().sum()) / max(1, int(confusion.sum()))
         row = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": round(time.perf_counter() - started, 3)}
         rows.append(row)
-        improved = val_acc > best_acc
-        if improved:
-            best_acc, best_epoch = val_acc, epoch
+        best.update(val_acc, epoch)
         if dist_info.main:
-            if improved:
-                save_safetensors(model.state_dict(), out / "model.safetensors",
-                                 metadata={"torchgraft.model": config.model, "epoch": str(epoch)})
-                _write_text(out / ".best_confusion.json", json.dumps(confusion.tolist()))
-            _append_row(out / "metrics.jsonl", row)
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "epoch": epoch, "best_acc": best_acc,
-                             "best_epoch": best_epoch, "rng": rng_state(), "config": config.to_dict(),
-                             "param_groups": [g.get("name", "") for g in optimizer.param_groups]},
-                            out / "last.ckpt")
+            _save_epoch(out, config, model, optimizer, schedule, row, confusion, best)
         reporter.epoch_end(row)
 
-    # -- save what the run leaves behind
+    # -- save what the run leaves behind; the best model is already on disk
     if dist_info.main:
         plot_curves(rows, out / "curves.png")
         best_confusion = torch.tensor(json.loads((out / ".best_confusion.json").read_text()))
         plot_confusion(best_confusion, classes, out / "confusion.png")
+
+    # -- clean up
     if dist_info.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    return RunResult(out, best_acc, best_epoch, rows, classes, report)
+    return RunResult(out, best.acc, best.epoch, rows, classes, report)
+
+
+def _ready_to_resume(out: Path, dist_info: _Dist) -> bool:
+    """Whether there is a finished epoch to resume after; temp files a killed run left half written are removed."""
+    if dist_info.main:  # never read, so never needed
+        for stale in out.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    if not (out / "last.ckpt").is_file():  # killed during the first epoch: nothing to lose, start it again
+        log.info("%s: no last.ckpt yet (the run stopped in its first epoch); starting it from epoch 0", out)
+        return False
+    return True
+
+
+def _start_run_folder(out: Path, config: FinetuneConfig, classes: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "classes.txt", "\n".join(classes) + "\n")
+    _write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    _write_text(out / "metrics.jsonl", "")
+
+
+def _restore(out: Path, config: FinetuneConfig, model: nn.Module, schedule: UnfreezeSchedule,
+             new_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+             ) -> tuple[torch.optim.Optimizer, int, _Best, list[dict[str, Any]]]:
+    """The run as last.ckpt saved it: model, unfreezing schedule, optimizer, random states; then the epoch to
+    start from, the best so far and the finished epochs' metrics."""
+    state = load_checkpoint(out / "last.ckpt")
+    model.load_state_dict(state["model"])
+    schedule.load_state_dict(state["schedule"])
+    optimizer = schedule.restore(model, new_optimizer)
+    if config.freeze:
+        freeze(model, *config.freeze)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    rows = _read_rows(out / "metrics.jsonl", upto=state["epoch"])
+    return optimizer, state["epoch"] + 1, _Best(state["best_acc"], state["best_epoch"]), rows
+
+
+@dataclass
+class _Best:
+    """The best validation accuracy so far and its epoch (-1 before the first epoch)."""
+
+    acc: float = -1.0
+    epoch: int = -1
+
+    def update(self, acc: float, epoch: int) -> None:
+        if acc > self.acc:
+            self.acc, self.epoch = acc, epoch
+
+
+def _save_epoch(out: Path, config: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                schedule: UnfreezeSchedule, row: dict[str, Any], confusion: torch.Tensor, best: _Best) -> None:
+    """After each epoch: the model and its confusion matrix when this epoch is the best, the metrics row, then
+    last.ckpt. Each file is written atomically; a resume drops a row written after the last checkpoint."""
+    epoch = row["epoch"]
+    if best.epoch == epoch:
+        save_safetensors(model.state_dict(), out / "model.safetensors",
+                         metadata={"torchgraft.model": config.model, "epoch": str(epoch)})
+        _write_text(out / ".best_confusion.json", json.dumps(confusion.tolist()))
+    _append_row(out / "metrics.jsonl", row)
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "epoch": epoch, "best_acc": best.acc,
+                     "best_epoch": best.epoch, "rng": rng_state(), "config": config.to_dict(),
+                     "param_groups": [g.get("name", "") for g in optimizer.param_groups]},
+                    out / "last.ckpt")
 
 
 def _unfreeze_steps(config: FinetuneConfig, head: str) -> list[tuple[int, list[str]]]:
@@ -354,6 +397,9 @@ def _phase_name(steps: list[tuple[int, list[str]]], epoch: int) -> str:
     return "all" if "*" in active[-1] else "+" + ",".join(active[-1])
 
 
+# ---- data ------------------------------------------------------------------------------------------------
+
+
 def _loader(dataset, config: FinetuneConfig, dist_info: _Dist, shuffle: bool) -> torch.utils.data.DataLoader:
     sampler = None
     if dist_info.world > 1 and shuffle:
@@ -365,6 +411,28 @@ def _loader(dataset, config: FinetuneConfig, dist_info: _Dist, shuffle: bool) ->
         dataset, batch_size=config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=workers, persistent_workers=workers > 0, generator=generator,
         pin_memory=dist_info.device.type == "cuda", drop_last=False)
+
+
+def _seed_data_order(loader: torch.utils.data.DataLoader, epoch: int, seed: int) -> None:
+    """The order (and augmentation seeds) depend on the epoch alone, so a resumed run repeats them."""
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(seed + epoch)
+
+
+def _to(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    batch = batch.to(device, non_blocking=True)
+    return batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
+
+
+def _images(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[_Batch]:
+    """The loader's (images, labels), on the device."""
+    for images, labels in loader:
+        yield _to(images, device), labels.to(device)
+
+
+# ---- precision -------------------------------------------------------------------------------------------
 
 
 class _NoCast:
@@ -387,73 +455,113 @@ def _autocast(device: torch.device):
     return _CudaCast() if device.type == "cuda" else _NoCast()
 
 
-def _to(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    batch = batch.to(device, non_blocking=True)
-    return batch.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else batch
+# ---- one epoch: the same loop for images and for cached features -----------------------------------------
 
 
-def _train_epoch(model, loader, optimizer, loss_fn, epoch, phases, reporter, dist_info, amp, scaler):
-    loss_sum = correct = seen = 0.0
-    lr = optimizer.param_groups[0]["lr"]
-    for i, (images, labels) in enumerate(loader):
-        lr = _set_lr(optimizer, phases.factor(epoch, i))
-        images, labels = _to(images, dist_info.device), labels.to(dist_info.device)
-        with amp():
-            logits = model(images)
-            loss = loss_fn(logits.float(), labels)
-        if not torch.isfinite(loss):
-            raise GraftError(f"the training loss became {loss.item()} at epoch {epoch} step {i}; stopping. The last "
-                             "good checkpoint is kept; lower --lr and resume or start again.")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+@dataclass
+class _Feed:
+    """What one pass over the data runs: `module` on `batches` of (inputs, labels) already on the device, inside
+    `autocast()`; `scaler` scales float16 losses before backward."""
+
+    module: nn.Module
+    batches: Iterable[_Batch]
+    autocast: Callable[[], Any]
+    scaler: torch.amp.GradScaler | None = None
+
+
+@dataclass
+class _Tally:
+    """Running sums over the samples seen: loss (weighted by batch size) and correct predictions."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += n
-        reporter.step(loss_sum / seen, correct / seen)
-    loss_sum, correct, seen = _all_reduce([loss_sum, correct, seen], dist_info)
-    return loss_sum / max(seen, 1), correct / max(seen, 1), lr
+        self.loss += loss.item() * n
+        self.correct += (logits.argmax(1) == labels).sum().item()
+        self.seen += n
+
+    def means(self) -> tuple[float, float]:
+        """Mean loss and accuracy."""
+        return self.loss / max(self.seen, 1), self.correct / max(self.seen, 1)
+
+    def over_processes(self, dist_info: _Dist) -> _Tally:
+        """The sums over every process."""
+        return _Tally(*_all_reduce([self.loss, self.correct, self.seen], dist_info))
+
+
+def _train_epoch(feed: _Feed, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                 lr_factor: Callable[[int], float], reporter: Any, dist_info: _Dist,
+                 epoch: int) -> tuple[float, float, float]:
+    """The training loop: each step sets the learning rate, runs forward, checks the loss, steps the optimizer.
+    Returns the mean loss and accuracy over every process, and the last learning rate."""
+    tally = _Tally()
+    lr = optimizer.param_groups[0]["lr"]
+    feed.module.train()
+    for i, (inputs, labels) in enumerate(feed.batches):
+        lr = _set_lr(optimizer, lr_factor(i))
+        with feed.autocast():
+            logits = feed.module(inputs)
+            loss = loss_fn(logits.float(), labels)
+        _stop_unless_finite(loss, epoch, i)
+        _backward_and_step(loss, optimizer, feed.scaler)
+        tally.add(loss, logits, labels)
+        reporter.step(*tally.means())
+    return (*tally.over_processes(dist_info).means(), lr)
+
+
+def _stop_unless_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise GraftError(f"the training loss became {loss.item()} at epoch {epoch} step {step}; stopping. The last "
+                         "good checkpoint is kept; lower --lr and resume or start again.")
+
+
+def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                       scaler: torch.amp.GradScaler | None) -> None:
+    """Gradients of the loss, then an optimizer step (through the grad scaler for float16)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 @torch.no_grad()
-def _validate(model, loader, loss_fn, num_classes, dist_info, amp, cache=None):
-    """Every process validates the whole set on its own copy (the same numbers everywhere, no collectives)."""
+def _validate(model: nn.Module, feed: _Feed, loss_fn: nn.Module, num_classes: int) -> tuple[float, torch.Tensor]:
+    """Mean loss and the confusion matrix. Every process validates the whole set on its own copy (the same
+    numbers everywhere, no collectives); the model is in eval mode meanwhile."""
     was_training = model.training
     model.eval()
-    loss_sum, seen = 0.0, 0
+    tally = _Tally()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    batches = cache.val_batches(loader) if cache is not None else loader
-    for inputs, labels in batches:
-        labels = labels.to(dist_info.device)
-        with amp():
-            if cache is not None:
-                logits = cache.head(inputs.to(dist_info.device))
-            else:
-                logits = model(_to(inputs, dist_info.device))
-        loss_sum += loss_fn(logits.float(), labels).item() * labels.shape[0]
-        seen += labels.shape[0]
+    for inputs, labels in feed.batches:
+        with feed.autocast():
+            logits = feed.module(inputs)
+        tally.add(loss_fn(logits.float(), labels), logits, labels)
         confusion += confusion_matrix(labels.cpu(), logits.argmax(1).cpu(), num_classes)
     model.train(was_training)
-    return loss_sum / max(seen, 1), confusion
+    return tally.means()[0], confusion
 
 
 class _FeatureCache:
-    """For a linear probe: the classifier's inputs, computed once by the frozen backbone, reused every epoch."""
+    """For a linear probe: the classifier's inputs, computed once by the frozen backbone, reused every epoch.
 
-    def __init__(self, model: nn.Module, head: str) -> None:
+    The classifier trains on them in float32; validation runs under the run's mixed precision, as for images."""
+
+    def __init__(self, model: nn.Module, head: str, device: torch.device) -> None:
         self.model = model
         self.head = model.get_submodule(head)
-        self.train: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.device = device
+        self.train_features: _Batch | None = None  # (features, labels) of every image, once computed
+        self.val_features: _Batch | None = None
 
     @torch.no_grad()
-    def _features(self, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, loader) -> _Batch:
         captured: list[torch.Tensor] = []
         handle = self.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().cpu()))
         labels = []
@@ -461,46 +569,37 @@ class _FeatureCache:
         self.model.eval()  # the frozen backbone as it will be used: BatchNorm statistics fixed, no dropout
         try:
             for images, y in loader:
-                self.model(_to(images, device))
+                self.model(_to(images, self.device))
                 labels.append(y)
         finally:
             handle.remove()
             self.model.train(was_training)
         return torch.cat(captured), torch.cat(labels)
 
-    def train_epoch(self, loader, optimizer, loss_fn, epoch, phases, reporter, device):
-        if self.train is None:
-            self.train = self._features(loader, device)
-        features, labels = self.train
-        generator = torch.Generator().manual_seed(epoch)
-        order = torch.randperm(len(labels), generator=generator)
-        batch = loader.batch_size
-        steps = len(loader)
-        loss_sum = correct = seen = 0.0
-        lr = optimizer.param_groups[0]["lr"]
-        self.head.train()
-        for i in range(steps):
-            index = order[i * batch:(i + 1) * batch]
-            x, y = features[index].to(device), labels[index].to(device)
-            lr = _set_lr(optimizer, phases.factor(epoch, i))
-            logits = self.head(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            reporter.step(loss_sum / seen, correct / seen)
-        return loss_sum / max(seen, 1), correct / max(seen, 1), lr
+    def train_feed(self, loader, epoch: int) -> _Feed:
+        """The training features in an order seeded by the epoch, as many batches as the loader has."""
+        if self.train_features is None:
+            self.train_features = self._features(loader)
+        order = torch.randperm(len(self.train_features[1]), generator=torch.Generator().manual_seed(epoch))
+        size = loader.batch_size
+        batches = (order[i * size:(i + 1) * size] for i in range(len(loader)))
+        return _Feed(self.head, self._batches(self.train_features, batches), _NoCast())
 
-    def val_batches(self, loader):
-        if self.val is None:
-            self.val = self._features(loader, next(self.head.parameters()).device)
-        features, labels = self.val
-        batch = loader.batch_size
-        for i in range(0, len(labels), batch):
-            yield features[i:i + batch], labels[i:i + batch]
+    def val_feed(self, loader, autocast: Callable[[], Any]) -> _Feed:
+        """The validation features in order (computed when first read)."""
+        return _Feed(self.head, self._val_batches(loader), autocast)
+
+    def _val_batches(self, loader) -> Iterator[_Batch]:
+        if self.val_features is None:
+            self.val_features = self._features(loader)
+        size = loader.batch_size
+        slices = (slice(i, i + size) for i in range(0, len(self.val_features[1]), size))
+        yield from self._batches(self.val_features, slices)
+
+    def _batches(self, cached: _Batch, indices: Iterable[Any]) -> Iterator[_Batch]:
+        features, labels = cached
+        for index in indices:
+            yield features[index].to(self.device), labels[index].to(self.device)
 
 
 # ---- files -----------------------------------------------------------------------------------------------
