@@ -18,6 +18,7 @@ CASES = {
     "finetune_folder.py": "finetune: cat-vs-dog run",
     "legacy_resnet18.py": "legacy: 102 loaded, 20 num_batches_tracked",
     "strict_false_vs_transfer.py": "detach: right for a fixed extractor in front",
+    "yolo_resnet50.py": "yolo: 318 backbone tensors loaded",
 }
 
 

@@ -193,7 +193,8 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
              strict: bool = False, allow_new: Sequence[str] = (), source_classes: Sequence[str] | None = None,
              target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None,
              source_model: str | nn.Module | None = None, source_model_kwargs: str | dict | None = None,
-             metadata: dict[str, str] | None = None, progress: Callable[[int, int], None] | None = None,
+             input_shape: Sequence[int] | None = None, metadata: dict[str, str] | None = None,
+             progress: Callable[[int, int], None] | None = None,
              write_progress: Callable[[int, int], None] | None = None) -> Report:
     """Load what fits from `source` into a model and return the Report.
 
@@ -221,8 +222,10 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
             count keeps the rows of the classes the two share.
         dtype: None (each loaded tensor takes the dtype of the target tensor), or "float32", "float16",
             "bfloat16": every floating tensor of the model ends in that dtype. Casts are noted per entry.
-        source_model: the model the checkpoint was saved from (a spec or a module); when given, both models
-            run on one input and `report.verified` says whether the matched modules compute the same.
+        source_model: the model the checkpoint was saved from (a spec or a module); when given, it is traced
+            so both sides align in execution order, and both models run on one input: `report.verified` says
+            whether the matched modules compute the same.
+        input_shape: the input for tracing, e.g. (1, 3, 224, 224); by default read from the models' metadata.
         progress, write_progress: called as `progress(bytes_done, total_bytes)` as tensors are placed and
             written.
     """
@@ -242,9 +245,12 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
         model, on_meta = build_target(build, model_kwargs)  # type: ignore[arg-type]
         notes.append("built with its parameters on the meta device" if on_meta else
                      "built normally: its factory cannot run with parameters on the meta device")
+    reference = None
+    if source_model is not None:
+        reference = _build(source_model, source_model_kwargs) if isinstance(source_model, str) else source_model
     if plan is None:
         plan = make_plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes,
-                         dtype=dtype)
+                         dtype=dtype, source_model=reference, input_shape=input_shape)
     else:
         plan.check_fits(src, model)
     if strict:
@@ -259,9 +265,9 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
         else:
             notes.append("filled on the meta device; only modules with new tensors are initialised")
     report = apply(plan, src, model, progress=progress, release_pages=out is not None)
-    report.notes.extend(notes)
-    if source_model is not None:
-        report.verification = verify_against(src, source_model, source_model_kwargs, model, report)
+    report.notes[:0] = notes + plan.notes
+    if reference is not None:
+        report.verification = verify_against(src, reference, None, model, report)
     if out is not None:
         save_state(model, out, metadata=metadata, progress=write_progress, release_pages=True)
     for w in report.warnings:

@@ -94,6 +94,24 @@ class PrefixChoice:
     rivals: list[tuple[str, str]] = field(default_factory=list)
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _may_rename(sp: str, tp: str, source: Iterable[str], target: Iterable[str]) -> bool:
+    """Whether renaming the source prefix `sp` to the target prefix `tp` can be a wrapper's doing.
+
+    Removing a prefix from one side is (`module.`, `backbone.`). Renaming one into another is not when the two
+    are numbered siblings (`layer3.` -> `layer5.`, `blocks.2.` -> `blocks.4.`), nor when either side also holds
+    the other's prefix: then `sp` has its own counterpart in the target (a hand-written model that keeps
+    torchvision's `layer3` and adds a `layer5` of look-alike blocks), and pairing it elsewhere is a guess.
+    """
+    if not sp or not tp or sp == tp:
+        return True
+    if _DIGITS.sub("#", sp) == _DIGITS.sub("#", tp):
+        return False
+    return not (any(k.startswith(sp) for k in target) or any(k.startswith(tp) for k in source))
+
+
 def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tuple[int, ...]]) -> PrefixChoice:
     """The (source prefix, target prefix) whose removal makes the most names match with equal shapes.
 
@@ -103,7 +121,8 @@ def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tu
     `weight`): stripping a whole module's path away says nothing about which module it was. When two prefix
     pairs give the most matches but pair the tensors differently (MoCo's `encoder_q.` and `encoder_k.`, two
     copies of one network), neither is used and both are returned as `rivals`. Among pairs that pair the
-    tensors alike, the shortest wins.
+    tensors alike, the shortest wins. A prefix renamed into another must look like a wrapper's renaming
+    (`_may_rename`), not one module's subtree paired with a look-alike sibling.
     """
     best = PrefixChoice()
     best_pairs: frozenset[tuple[str, str]] = frozenset()
@@ -112,6 +131,8 @@ def best_prefixes(source: Mapping[str, tuple[int, ...]], target: Mapping[str, tu
     for sp in src_cands:
         stripped = under_prefix(source, sp)
         for tp in tgt_cands:
+            if not _may_rename(sp, tp, source, target):
+                continue
             pairs = []
             for rest, k in under_prefix(target, tp).items():
                 hit = stripped.get(rest)

@@ -7,17 +7,21 @@ Matching is the ordered list `STAGES`. Each stage is a function over one shared 
 target tensors the stages before it left undecided and the source tensors they left unused, and records every
 decision as a `Step` with its evidence (`method`, `how`, `note`, `candidates`):
 
+    trace              the target's execution order (and the source model's, when given), by one forward
+                       pass on the meta device; registration order, and a note why, when it cannot run
     drops              source tensors a rule drops are never used
     merges_and_splits  rules that join several source tensors into one target, or cut one into several
     renames            rules that rename a source tensor              method: rule
     exact              equal names                                    method: exact
     prefixes           names equal once a prefix found by analysing both sides is removed
                        (module., backbone., bert., ...)               method: prefix
-    structure          modules aligned by their tensors' shapes where names differ; only pairs every best
-                       alignment agrees on                            method: structure
+    structure          modules aligned in execution order by their tensors' shapes where names differ; only
+                       pairs every best alignment agrees on, in runs of at least MIN_RUN modules that agree
+                       in order (or a shape found once on each side)  method: structure
     stem               a renamed first convolution with other input channels, tied by its neighbours
     adapters           each shape mismatch goes to the adapter registry (`torchgraft.adapt.ADAPTERS`): a
                        named adapter with its arguments, or the tensor stays new and says why
+    orphans            a counter (`num_batches_tracked`) loads only beside its module's other tensors
     casts              the dtype each value is placed in, when it changes
 
 A plan step never says `loaded`: its `action` is `load`, `adapt` or `new`; applying the plan
@@ -46,6 +50,7 @@ from torchgraft.classes import known_classes
 from torchgraft.errors import GraftError
 from torchgraft.io.read import Source, load
 from torchgraft.match.names import BENIGN_TENSORS, Rules, best_prefixes, is_benign, load_rules, under_prefix
+from torchgraft.match.trace import execution_order
 from torchgraft.match.structure import (
     Group,
     align,
@@ -124,6 +129,8 @@ class Plan:
     unused_source: list[dict[str, str]] = field(default_factory=list)
     """`{"source": key, "why": reason}` for each source tensor no step takes."""
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """How matching ran: whether each model was traced in execution order, or why not."""
     dtype: str | None = None
     """None: each value takes the dtype of the target tensor; else every floating tensor ends in this dtype."""
     fingerprint: dict[str, str] = field(default_factory=dict)
@@ -198,6 +205,7 @@ class Plan:
             "steps": [s.to_dict() for s in self.steps],
             "unused_source": self.unused_source,
             "warnings": self.warnings,
+            "notes": self.notes,
         }
 
     @classmethod
@@ -226,9 +234,10 @@ class Plan:
         if not isinstance(fingerprint, dict):
             raise GraftError(f"{where}: \"fingerprint\" must be an object; re-run `graft plan`.")
         warnings = [str(w) for w in data.get("warnings") or []]
+        notes = [str(n) for n in data.get("notes") or []]
         return cls(source=str(data.get("source", "")), target=str(data.get("target", "")), steps=steps,
                    unused_source=[{"source": u["source"], "why": str(u.get("why", ""))} for u in unused],
-                   warnings=warnings, dtype=dtype, fingerprint={str(k): str(v) for k, v in fingerprint.items()})
+                   warnings=warnings, notes=notes, dtype=dtype, fingerprint={str(k): str(v) for k, v in fingerprint.items()})
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON, atomically."""
@@ -353,8 +362,10 @@ class State:
     """What the stages share: both sides' shapes, the steps decided so far, and the source tensors used."""
 
     def __init__(self, source: Source, model: nn.Module, rules: Rules, source_classes: Sequence[str] | None,
-                 target_classes: Sequence[str] | None, dtype: str | None) -> None:
+                 target_classes: Sequence[str] | None, dtype: str | None, source_model: nn.Module | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> None:
         self.source, self.model, self.rules = source, model, rules
+        self.source_model, self.input_shape = source_model, input_shape
         self.source_classes, self.target_classes, self.dtype = source_classes, target_classes, dtype
         state = model.state_dict(keep_vars=True)
         self.tgt = {k: tuple(v.shape) for k, v in state.items()}
@@ -369,6 +380,9 @@ class State:
         self.why_unused: dict[str, str] = {}
         self.pending: list[_Pending] = []
         self.warnings: list[str] = []
+        self.notes: list[str] = []
+        self.target_order: list[str] | None = None
+        self.source_order: list[str] | None = None
 
     def free_targets(self) -> list[str]:
         return [k for k in self.tgt if k not in self.steps]
@@ -398,6 +412,19 @@ class State:
 
 
 # ---- the stages, in order ---------------------------------------------------------------------------------
+
+
+def trace(st: State) -> None:
+    """Execution order of the target (and of the source model, when one is given), for structure matching."""
+    found = execution_order(st.model, st.input_shape)
+    st.target_order = found.order
+    st.notes.append(f"target {found.note}")
+    if st.source_model is not None:
+        traced = execution_order(st.source_model, st.input_shape)
+        st.notes.append(f"source model {traced.note}")
+        if traced.order is not None:
+            st.source_order = [k for k in traced.order if k in st.src] + [k for k in st.src if k not in
+                                                                          set(traced.order)]
 
 
 def drops(st: State) -> None:
@@ -494,15 +521,21 @@ def structure(st: State) -> None:
     # against the model's own order, leaving out the positions of the groups a sort may have moved (their
     # place does not matter). Otherwise put both sides in the same canonical order, so that `blocks.2`
     # meets `blocks.2`, and load by position only under equal names.
-    order_lost = _string_sorted(list(st.src))
-    src_groups = groups_from_keys({k: free[k] for k in (natural_order(free) if order_lost else free)})
-    tgt_groups = groups_from_keys({k: st.tgt[k] for k in targets})
+    # Both sides in execution order where it is known: the target traced, the source traced when its model
+    # was given (`source_model=`), else the file's order.
+    order_lost = st.source_order is None and _string_sorted(list(st.src))
+    src_keys = _in_order(free, st.source_order) if st.source_order else \
+        (natural_order(free) if order_lost else list(free))
+    src_groups = groups_from_keys({k: free[k] for k in src_keys})
+    tgt_groups = groups_from_keys({k: st.tgt[k] for k in _in_order(targets, st.target_order)})
     cut_at_anchors = True
     if order_lost and _order_recovered(src_groups, tgt_groups):
         order_lost = cut_at_anchors = False
     elif order_lost:
         tgt_groups = groups_from_keys({k: st.tgt[k] for k in natural_order(sorted(targets))})
-    for m in align(src_groups, tgt_groups, cut_at_anchors=cut_at_anchors):
+    matches = align(src_groups, tgt_groups, cut_at_anchors=cut_at_anchors)
+    short = _short_runs(matches, len(src_groups), len(tgt_groups)) if not order_lost else set()
+    for m in matches:
         tg = tgt_groups[m.target]
         if m.source is None:
             if m.candidates:
@@ -517,9 +550,49 @@ def structure(st: State) -> None:
             st.leave_new(tg, f"might be source module {sg.name or '(root)'}, but the file stores keys sorted by "
                              "name, so its module order is unknown; add a rename rule to load it", [sg.name])
             continue
+        if m.target in short:
+            st.leave_new(tg, f"resembles source module {sg.name or '(root)'} (same tensor shapes), but fewer than "
+                             f"{MIN_RUN} modules in a row agree with it in execution order: not evidence enough "
+                             "(another architecture?); add a rename rule to load it", [sg.name])
+            continue
         for s_name, t_name in tensor_pairs(sg, tg):
             st.take(_join(tg.name, t_name), _join(sg.name, s_name), "structure", m.how,
                     note=f"module {sg.name or '(root)'} -> {tg.name or '(root)'} ({m.how})")
+
+
+#: The fewest consecutive module pairs (consecutive in both models' execution order) that make structural
+#: evidence: equal shapes in a short run are what two different architectures share by chance.
+MIN_RUN = 6
+
+
+def _short_runs(matches: Sequence[Any], n_source: int, n_target: int) -> set[int]:
+    """Target groups aligned by position ("aligned", "aligned+names") whose run of consecutive pairs — target
+    i -> source j, i + 1 -> j + 1, ... — is shorter than `MIN_RUN` (or than the smaller model, when it has
+    fewer groups). A unique signature stands on its own evidence."""
+    pairs = {m.target: m.source for m in matches if m.source is not None}
+    need = min(MIN_RUN, n_source, n_target)
+    short: set[int] = set()
+    for t in sorted(pairs):
+        if t - 1 in pairs and pairs[t - 1] == pairs[t] - 1:
+            continue  # not the start of a run
+        run = [t]
+        while run[-1] + 1 in pairs and pairs[run[-1] + 1] == pairs[run[-1]] + 1:
+            run.append(run[-1] + 1)
+        if len(run) < need:
+            short.update(run)
+    how = {m.target: m.how for m in matches}
+    return {t for t in short if how[t] != "unique-signature"}
+
+
+def _in_order(keys: Iterable[str], order: Sequence[str] | None) -> list[str]:
+    """`keys` in `order` (a traced execution order), those it lacks last in their own order."""
+    keys = list(keys)
+    if not order:
+        return keys
+    wanted = set(keys)
+    ranked = [k for k in order if k in wanted]
+    seen = set(ranked)
+    return ranked + [k for k in keys if k not in seen]
 
 
 def stem(st: State) -> None:
@@ -579,6 +652,21 @@ def adapters(st: State) -> None:
         st.why_unused[p.source] = f"shape {list(s)} does not fit {p.target} {list(t)}"
 
 
+def orphans(st: State) -> None:
+    """A benign tensor (`num_batches_tracked`) is loaded only beside its module's other tensors, from the same
+    source module: a counter is shaped like every other counter, so alone it is no evidence of anything."""
+    for key, step in list(st.steps.items()):
+        if step.action == "new" or not is_benign(key) or not isinstance(step.source, str):
+            continue
+        module, source_module = key.rpartition(".")[0], step.source.rpartition(".")[0]
+        siblings = [s for k, s in st.steps.items() if k.rpartition(".")[0] == module and not is_benign(k)]
+        if siblings and all(s.action != "new" and isinstance(s.source, str)
+                            and s.source.rpartition(".")[0] == source_module for s in siblings):
+            continue
+        st.steps[key] = Step(key, None, "new", "none", note=BENIGN_TENSORS[key.rpartition(".")[2]].keeps)
+        st.used.discard(step.source)
+
+
 def casts(st: State) -> None:
     """Record the dtype each value is placed in when it changes: the target tensor's dtype, or `dtype` for
     every floating tensor."""
@@ -595,8 +683,8 @@ def casts(st: State) -> None:
 
 
 #: The matching stages, in the order they run; each sees only what the stages before it left.
-STAGES: tuple[Callable[[State], None], ...] = (drops, merges_and_splits, renames, exact, prefixes, structure, stem,
-                                               adapters)
+STAGES: tuple[Callable[[State], None], ...] = (trace, drops, merges_and_splits, renames, exact, prefixes, structure,
+                                               stem, adapters, orphans)
 
 
 def _finish(st: State) -> Plan:
@@ -609,7 +697,7 @@ def _finish(st: State) -> Plan:
     unused = [{"source": k, "why": st.why_unused.get(k, "no target tensor matches its name or structure")}
               for k in st.src if k not in st.used]
     result = Plan(source=st.source.path, target=type(st.model).__name__, steps=steps, unused_source=unused,
-                  warnings=list(st.warnings), dtype=st.dtype,
+                  warnings=list(st.warnings), notes=list(st.notes), dtype=st.dtype,
                   fingerprint={"source": _fingerprint(_source_shapes(st.source)),
                                "target": _fingerprint(_target_shapes(st.model))},
                   target_numel=st.tgt_numel)
@@ -699,7 +787,8 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
 
 def plan(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str], model: nn.Module, *,
          rules: Any = None, source_classes: Sequence[str] | None = None,
-         target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None) -> Plan:
+         target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None,
+         source_model: nn.Module | str | None = None, input_shape: Sequence[int] | None = None) -> Plan:
     """Decide, without touching any values, which source tensor(s) each target tensor takes.
 
     Args:
@@ -709,10 +798,18 @@ def plan(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str], m
         source_classes, target_classes: class names; when both are known, a classifier with another class
             count keeps the rows of the classes the two share (the row map is in the plan).
         dtype: None, or "float32", "float16", "bfloat16" for every floating tensor of the result.
+        source_model: the model the checkpoint was saved from (a module, or a spec built with its parameters
+            on the meta device): traced, its execution order replaces the file's order (which a safetensors
+            file loses).
+        input_shape: the input for tracing, e.g. (1, 3, 224, 224); by default read from the model's metadata.
     """
     src = as_source(source)
+    if isinstance(source_model, str):
+        from torchgraft.transfer import build_target
+
+        source_model, _ = build_target(source_model)
     st = State(src, model, load_rules(rules), resolve_classes(src, source_classes, target_classes), target_classes,
-               dtype_name(dtype))
+               dtype_name(dtype), source_model, tuple(input_shape) if input_shape else None)
     for stage in STAGES:
         stage(st)
     return _finish(st)

@@ -1,0 +1,168 @@
+"""Execution order: the order in which a model's forward pass first uses each of its tensors.
+
+Registration order (`state_dict` order) is not the order a model computes in: Hugging Face's ResNet registers
+each block's `shortcut` before its main path, its ViT registers `layernorm_before` after the attention, and
+parameters owned by a container (`cls_token`, `pos_embed`) sit at the top of the state dict but are used after
+the patch embedding. Matching aligns modules in execution order, so it traces both models when it can.
+
+`execution_order(model)` runs the model once on the meta device — no memory, no arithmetic — through
+`torch.func.functional_call` with meta copies of its tensors, so the model itself is never changed, and a
+`TorchFunctionMode` records every tensor of the state dict the first time an operation reads it (a parameter
+used in a container's own forward included). The input comes from the model's metadata (`example_inputs`) or
+is given. When the forward pass cannot run on the meta device (it reads a value, or needs another input), the
+result says why and matching falls back to registration order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["Trace", "execution_order", "example_inputs", "reorder"]
+
+
+@dataclass
+class Trace:
+    """What tracing found: the state dict keys in execution order, or why there is none."""
+
+    order: list[str] | None
+    """Every state dict key: those the forward pass used, in the order it first used them, each unused one
+    right after the key registered before it."""
+    note: str
+    """How the order was found, or why it could not be ("traced on the meta device with input (1, 3, 224, 224)")."""
+
+    @property
+    def ok(self) -> bool:
+        return self.order is not None
+
+
+class _FirstUse(TorchFunctionMode):
+    def __init__(self, keys: Mapping[int, str]) -> None:
+        super().__init__()
+        self.keys = keys
+        self.order: list[str] = []
+        self._seen: set[str] = set()
+
+    def _visit(self, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            key = self.keys.get(id(value))
+            if key is not None and key not in self._seen:
+                self._seen.add(key)
+                self.order.append(key)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self._visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self._visit(item)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
+        kwargs = kwargs or {}
+        self._visit(args)
+        self._visit(kwargs)
+        return func(*args, **kwargs)
+
+
+#: Attributes under which models and their patch embeddings keep the image size they were built for
+#: (timm's `PatchEmbed.img_size`, torchvision's ViT `image_size`): they win over a default input size.
+IMAGE_SIZE_ATTRIBUTES = ("img_size", "image_size")
+
+
+def _pair(size: Any) -> tuple[int, ...]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _config_of(model: nn.Module) -> Any:
+    return getattr(model, "config", None)
+
+
+def example_inputs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> tuple[tuple, dict]:
+    """`(args, kwargs)` for one forward pass on the meta device, from what the model says about its input.
+
+    A given `input_shape` wins. Otherwise: a Hugging Face config (`image_size` and `num_channels` give
+    `pixel_values`; a `vocab_size` gives `input_ids` of 8 tokens); timm's `pretrained_cfg["input_size"]`;
+    torchvision's `image_size` attribute (ViT); else the first convolution's input channels at 224 x 224, or a
+    linear layer's input features.
+    """
+    if input_shape is not None:
+        return (torch.empty(*input_shape, device="meta"),), {}
+    config = _config_of(model)
+    if config is not None:
+        size = getattr(config, "image_size", None)
+        channels = getattr(config, "num_channels", None)
+        if size is not None and channels is not None:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+            return (), {"pixel_values": torch.empty(1, channels, h, w, device="meta")}
+        if getattr(config, "vocab_size", None):
+            return (), {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}
+    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
+    size = next((getattr(m, name) for m in model.modules() for name in IMAGE_SIZE_ATTRIBUTES
+                 if isinstance(getattr(m, name, None), (int, tuple, list))), None)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("input_size"):
+        channels, *spatial = cfg["input_size"]
+        return (torch.empty(1, channels, *(_pair(size) if size is not None else spatial), device="meta"),), {}
+    if isinstance(first, nn.modules.conv._ConvNd):
+        size = 224 if size is None else size
+        spatial = (size,) * (first.weight.dim() - 2) if isinstance(size, int) else tuple(size)
+        return (torch.empty(1, first.in_channels, *spatial, device="meta"),), {}
+    if isinstance(first, nn.Linear):
+        return (torch.empty(1, first.in_features, device="meta"),), {}
+    raise ValueError("no input shape is known for this model (no convolution or linear layer to read it from)")
+
+
+def execution_order(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> Trace:
+    """The model's state dict keys in the order its forward pass first uses them (see the module docstring)."""
+    state = model.state_dict(keep_vars=True)
+    try:
+        args, kwargs = example_inputs(model, input_shape)
+    except ValueError as exc:
+        return Trace(None, f"not traced: {exc}; aligned in registration order (pass an input shape)")
+    copies: dict[int, torch.Tensor] = {}  # id of a tensor -> its meta copy (tied tensors share one)
+    tensors = {name: copies.setdefault(id(t), torch.empty_like(t, device="meta"))
+               for name, t in [*model.named_parameters(remove_duplicate=False),
+                               *model.named_buffers(remove_duplicate=False)]}
+    keys: dict[int, str] = {}  # id of a meta copy -> the first state dict key that holds it
+    for key, t in state.items():
+        if id(t) in copies:
+            keys.setdefault(id(copies[id(t)]), key)
+    modes = [(m, m.training) for m in model.modules()]
+    shape = tuple(next(iter([*args, *kwargs.values()])).shape)
+    recorder = _FirstUse(keys)
+    try:
+        model.eval()
+        with torch.no_grad(), recorder:
+            torch.func.functional_call(model, tensors, args, kwargs, tie_weights=True, strict=False)
+    except Exception as exc:  # any failure of a forward pass on the meta device: fall back, and say why
+        first_line = (str(exc).strip().splitlines() or [""])[0][:160]
+        return Trace(None, f"not traced: the forward pass does not run on the meta device with input {shape} "
+                           f"({type(exc).__name__}: {first_line}); aligned in registration order")
+    finally:
+        for m, training in modes:
+            m.training = training
+    used = recorder.order
+    return Trace(reorder(list(state), used), f"traced on the meta device with input {shape}: {len(used)} of "
+                                             f"{len(state)} tensors used")
+
+
+def reorder(registered: list[str], used: list[str]) -> list[str]:
+    """`used` (keys in first-use order) with every key it lacks placed right after the key registered before
+    it (`num_batches_tracked` after its BatchNorm's `running_var`); leading unused keys come first."""
+    position = {k: i for i, k in enumerate(used)}
+    after: dict[str | None, list[str]] = {}
+    anchor: str | None = None
+    for key in registered:
+        if key in position:
+            anchor = key
+        else:
+            after.setdefault(anchor, []).append(key)
+    out = list(after.get(None, []))
+    for key in used:
+        out.append(key)
+        out.extend(after.get(key, []))
+    return out
