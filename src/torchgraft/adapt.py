@@ -36,6 +36,7 @@ __all__ = [
     "resize_embedding",
     "split_part",
     "merge",
+    "reshape",
     "choose",
     "describe",
     "docs_table",
@@ -488,6 +489,27 @@ class Adapter:
         return args
 
 
+def _canonical(shape: Sequence[int]) -> tuple[int, ...]:
+    kept = tuple(int(d) for d in shape if d != 1)
+    return kept if kept or not shape else (1,)
+
+
+def _choose_reshape(fit: Fit) -> dict[str, Any] | None:
+    if _canonical(fit.source_shape) == _canonical(fit.target_shape):
+        return {"shape": list(fit.target_shape)}
+    return None
+
+
+def reshape(tensor: Tensor, shape: Sequence[int]) -> Tensor:
+    """The same numbers in the same order under another shape that differs only in size-1 dimensions: a
+    `Linear (O, I)` as a 1x1 convolution `(O, I, 1, 1)`, a layer scale `(C,)` as `(C, 1, 1)`, a position
+    embedding `(1, N, D)` as `(N, D)`. Anything else (a crop, a transpose) is refused."""
+    if _canonical(tensor.shape) != _canonical(shape):
+        raise GraftError(f"reshape: found shape {tuple(tensor.shape)}, which differs from {tuple(shape)} in more "
+                         "than size-1 dimensions; expected the same numbers in the same order. Nothing is cropped.")
+    return tensor.reshape(tuple(shape))
+
+
 def _choose_input_channels(fit: Fit) -> dict[str, Any] | None:
     s, t = fit.source_shape, fit.target_shape
     if fit.first_conv and isinstance(fit.module, nn.modules.conv._ConvNd) and fit.param == "weight" \
@@ -530,6 +552,14 @@ def _choose_pos_embed(fit: Fit) -> dict[str, Any] | None:
 
 
 ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
+    Adapter(
+        "reshape",
+        "the same numbers under a shape that differs only in size-1 dimensions (Linear <-> 1x1 conv, "
+        "(C,) <-> (C, 1, 1), (1, N, D) <-> (N, D))",
+        reshape, ("shape",),
+        run=lambda src, cur, a: reshape(src[0], a["shape"]),
+        sentence=lambda a, s, t: f"reshaped {list(s)} -> {a['shape']} (size-1 dimensions only)",
+        choose=_choose_reshape, exact=True),
     Adapter(
         "input_channels",
         "input conv channels adapted: summed for 1 channel, else repeated cyclically/truncated and scaled by "

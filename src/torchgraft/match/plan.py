@@ -527,7 +527,10 @@ def structure(st: State) -> None:
     src_keys = _in_order(free, st.source_order) if st.source_order else \
         (natural_order(free) if order_lost else list(free))
     src_groups = groups_from_keys({k: free[k] for k in src_keys})
-    tgt_groups = groups_from_keys({k: st.tgt[k] for k in _in_order(targets, st.target_order)})
+    tgt_order = _in_order(targets, st.target_order)
+    if st.source_order is None:  # the file's order: a module's own tensors stand before its children's
+        tgt_order = _own_tensors_first(tgt_order)
+    tgt_groups = groups_from_keys({k: st.tgt[k] for k in tgt_order})
     cut_at_anchors = True
     if order_lost and _order_recovered(src_groups, tgt_groups):
         order_lost = cut_at_anchors = False
@@ -555,8 +558,8 @@ def structure(st: State) -> None:
                              f"{MIN_RUN} modules in a row agree with it in execution order: not evidence enough "
                              "(another architecture?); add a rename rule to load it", [sg.name])
             continue
-        for s_name, t_name in tensor_pairs(sg, tg):
-            st.take(_join(tg.name, t_name), _join(sg.name, s_name), "structure", m.how,
+        for s_name, t_name in tensor_pairs(sg, tg):  # shapes may differ in size-1 dimensions: `reshape`
+            st.pair(_join(tg.name, t_name), _join(sg.name, s_name), "structure", m.how,
                     note=f"module {sg.name or '(root)'} -> {tg.name or '(root)'} ({m.how})")
 
 
@@ -582,6 +585,33 @@ def _short_runs(matches: Sequence[Any], n_source: int, n_target: int) -> set[int
             short.update(run)
     how = {m.target: m.how for m in matches}
     return {t for t in short if how[t] != "unique-signature"}
+
+
+def _own_tensors_first(keys: list[str]) -> list[str]:
+    """Traced keys with each module's own tensors moved before its first submodule's, as a state dict (and so a
+    checkpoint file) orders them: ConvNeXt's layer scale is used after its block's convolutions but stored
+    before them. Aligned against a file's order, the trace keeps what it knows (the order of leaf modules)
+    and takes the file's convention for the rest."""
+    modules = {k.rpartition(".")[0] for k in keys}
+    owners = {m for m in modules if any(other.startswith(m + ".") or (m == "" and other) for other in modules)}
+    if not owners:
+        return keys
+    out: list[str] = []
+    placed: set[str] = set()
+    own = {m: [k for k in keys if k.rpartition(".")[0] == m] for m in owners}
+    for key in keys:
+        module = key.rpartition(".")[0]
+        if module in owners:
+            continue  # placed with its first descendant (or at the end, when it has none here)
+        parts = module.split(".") if module else []
+        for depth in range(len(parts) + 1):
+            ancestor = ".".join(parts[:depth])
+            if ancestor in owners and ancestor not in placed and ancestor != module:
+                placed.add(ancestor)
+                out.extend(own[ancestor])
+        out.append(key)
+    out.extend(k for m in owners if m not in placed for k in own[m])
+    return out
 
 
 def _in_order(keys: Iterable[str], order: Sequence[str] | None) -> list[str]:

@@ -123,11 +123,34 @@ def groups_from_model(model: nn.Module) -> list[Group]:
     return groups_from_keys(shapes, kinds)
 
 
+#: Local tensor names that libraries spell differently for one role, by family: a documented table, the only
+#: place such names are known (ConvNeXt's layer scale is torchvision's `layer_scale`, timm's `gamma`,
+#: Hugging Face's `layer_scale_parameter`; a ViT's class token and position embedding likewise).
+NAME_FAMILIES = {
+    "gamma": "layer_scale", "layer_scale_parameter": "layer_scale",
+    "class_token": "cls_token",
+    "pos_embedding": "pos_embed", "position_embeddings": "pos_embed",
+}
+
+
+def family(name: str) -> str:
+    """A local tensor name's family (`NAME_FAMILIES`), or the name itself."""
+    return NAME_FAMILIES.get(name, name)
+
+
+def canonical_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape without its size-1 dimensions: `(O, I, 1, 1)`, `(O, I)`; `(C, 1, 1)`, `(C,)`; `(1, N, D)`,
+    `(N, D)` hold the same numbers in the same order, so they may pair (the `reshape` adapter), roles agreeing."""
+    kept = tuple(int(d) for d in shape if d != 1)
+    return kept if kept or not shape else (1,)
+
+
 def signature(group: Group) -> Signature:
-    """The group's local tensor names, each with its shape, sorted by name; optional tensors
-    (`num_batches_tracked`) are left out unless the group has nothing else."""
+    """The group's local tensor names (by family, `NAME_FAMILIES`), each with its shape without size-1
+    dimensions (`canonical_shape`), sorted by name; optional tensors (`num_batches_tracked`) are left out unless
+    the group has nothing else."""
     kept = [(n, s) for n, s in group.tensors if n not in OPTIONAL_TENSORS] or list(group.tensors)
-    return tuple(sorted(kept))
+    return tuple(sorted((family(n), canonical_shape(s)) for n, s in kept))
 
 
 def compatible(a: Group, b: Group) -> bool:
@@ -138,11 +161,11 @@ def compatible(a: Group, b: Group) -> bool:
 def tensor_pairs(source: Group, target: Group) -> list[tuple[str, str]]:
     """(source local name, target local name) for each target tensor that has a source tensor, in target order.
 
-    Pairs by name: compatible groups have the same names. An optional tensor (`num_batches_tracked`) missing
+    Pairs by name (by family, `NAME_FAMILIES`): compatible groups have the same names. An optional tensor (`num_batches_tracked`) missing
     from the source is left out, so the target keeps its own.
     """
-    have = {n for n, _ in source.tensors}
-    return [(n, n) for n, _ in target.tensors if n in have]
+    have = {family(n): n for n, _ in source.tensors}
+    return [(have[family(n)], n) for n, _ in target.tensors if family(n) in have]
 
 
 # --------------------------------------------------------------------------------------------------------------
