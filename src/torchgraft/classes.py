@@ -36,26 +36,6 @@ def _names_in(p: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-@functools.lru_cache(maxsize=None)
-def _torchvision_categories() -> dict[str, tuple[str, ...]]:
-    """File name of every torchvision weights URL -> its categories."""
-    try:
-        from torchvision.models import get_model_weights, list_models
-    except ImportError:
-        return {}
-    found: dict[str, tuple[str, ...]] = {}
-    for name in list_models():
-        try:
-            weights = get_model_weights(name)
-        except (ValueError, KeyError):
-            continue
-        for w in weights:
-            categories = w.meta.get("categories")
-            if categories:
-                found[w.url.rsplit("/", 1)[-1]] = tuple(categories)
-    return found
-
-
 def known_classes(path: str | Path) -> list[str] | None:
     """Class names for a checkpoint: `classes.txt` beside it, or torchvision's metadata for its file name."""
     p = Path(path)
@@ -64,5 +44,7 @@ def known_classes(path: str | Path) -> list[str] | None:
         names = _names_in(beside)  # an empty classes.txt names nothing: torchvision's metadata may still
         if names:
             return names
-    categories = _torchvision_categories().get(p.name)
-    return list(categories) if categories else None
+    from torchgraft.specs import torchvision_files
+
+    known = torchvision_files().get(p.name)
+    return list(known[1]) if known and known[1] else None

@@ -13,9 +13,11 @@ Specs never download weights: pretrained weights come from a checkpoint that tor
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch.nn as nn
 
 from torchgraft.errors import SpecError
 
-__all__ = ["build_model", "is_model_spec", "parse_kwargs"]
+__all__ = ["build_model", "is_model_spec", "parse_kwargs", "source_spec", "torchvision_files"]
 
 _KNOWN = ("torchvision", "timm", "transformers")
 _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -85,6 +87,52 @@ def build_model(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Mod
     if not isinstance(model, nn.Module):
         raise SpecError(f"model spec {spec!r} returned a {type(model).__name__}; expected a torch.nn.Module.")
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def torchvision_files() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """File name of every torchvision weights URL (`mobilenet_v2-b0353104.pth`) -> (model name, categories)."""
+    try:
+        from torchvision.models import get_model_weights, list_models
+    except ImportError:
+        return {}
+    found: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name in list_models():
+        try:
+            weights = get_model_weights(name)
+        except (ValueError, KeyError):
+            continue
+        for w in weights:
+            found.setdefault(w.url.rsplit("/", 1)[-1], (name, tuple(w.meta.get("categories") or ())))
+    return found
+
+
+def source_spec(path: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> tuple[str, dict, str] | None:
+    """The model a checkpoint says it was saved from, as `(spec, kwargs, how it was found)`, or None.
+
+    - a Hugging Face folder whose `config.json` names its class (`"architectures": ["BertModel"]`):
+      `transformers:BertModel` built from that config;
+    - a timm folder whose `config.json` names an `"architecture"` (timm's `push_to_hub` layout), with its
+      `num_classes`;
+    - a file named as torchvision publishes its weights (`mobilenet_v2-b0353104.pth`): that torchvision model.
+    """
+    p = Path(path)
+    config = (metadata or {}).get("config")
+    if isinstance(config, dict):
+        folder = p if p.is_dir() else p.parent
+        architectures = config.get("architectures")
+        if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+            return (f"transformers:{architectures[0]}", {"config": str(folder)},
+                    f"{folder / 'config.json'} names {architectures[0]}")
+        if isinstance(config.get("architecture"), str):
+            kwargs = {"num_classes": config["num_classes"]} if isinstance(config.get("num_classes"), int) else {}
+            return (f"timm:{config['architecture']}", kwargs,
+                    f"{folder / 'config.json'} names timm's {config['architecture']}")
+    known = torchvision_files().get(p.name)
+    if known is not None:
+        return (f"torchvision:{known[0]}", {"num_classes": len(known[1])} if known[1] else {},
+                f"torchvision publishes {p.name} for {known[0]}")
+    return None
 
 
 def _require(package: str, extra: str, spec_kind: str) -> Any:

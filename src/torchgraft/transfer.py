@@ -26,9 +26,11 @@ from torchgraft import _callable, adapt
 from torchgraft.errors import GraftError
 from torchgraft.io.pages import FileMaps
 from torchgraft.io.read import Source
+from torchgraft.match.names import is_benign
 from torchgraft.match.plan import DTYPES, Plan, Step, as_source, dtype_name
 from torchgraft.match.plan import plan as make_plan
 from torchgraft.report import Entry, Report, sources_of
+from torchgraft.verify import verify
 
 __all__ = ["Entry", "Report", "Plan", "apply", "transfer", "build_target", "save_state", "meta_blockers",
            "parameters_on_meta", "DTYPES", "OUTPUT_SUFFIXES"]
@@ -192,7 +194,7 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
              out: str | os.PathLike[str] | None = None, plan: Plan | None = None, rules: Any = None,
              strict: bool = False, allow_new: Sequence[str] = (), source_classes: Sequence[str] | None = None,
              target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None,
-             source_model: str | nn.Module | None = None, source_model_kwargs: str | dict | None = None,
+             source_model: str | nn.Module | None = "auto", source_model_kwargs: str | dict | None = None,
              input_shape: Sequence[int] | None = None, metadata: dict[str, str] | None = None,
              progress: Callable[[int, int], None] | None = None,
              write_progress: Callable[[int, int], None] | None = None) -> Report:
@@ -222,9 +224,12 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
             count keeps the rows of the classes the two share.
         dtype: None (each loaded tensor takes the dtype of the target tensor), or "float32", "float16",
             "bfloat16": every floating tensor of the model ends in that dtype. Casts are noted per entry.
-        source_model: the model the checkpoint was saved from (a spec or a module); when given, it is traced
-            so both sides align in execution order, and both models run on one input: `report.verified` says
-            whether the matched modules compute the same.
+        source_model: the model the checkpoint was saved from (a spec or a module). "auto" (the default)
+            takes the one the checkpoint names — a Hugging Face folder's config.json, timm's config.json, or a
+            file named as torchvision publishes it — and says so in `report.notes`; None uses none. The
+            source model is traced so both sides align in execution order, and both models run on one input:
+            `report.verified` says whether the matched modules compute the same, and `strict` fails when they
+            do not.
         input_shape: the input for tracing, e.g. (1, 3, 224, 224); by default read from the models' metadata.
         progress, write_progress: called as `progress(bytes_done, total_bytes)` as tensors are placed and
             written.
@@ -232,7 +237,7 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
     if (model is None) == (build is None):
         raise GraftError("transfer needs exactly one of `model` (a module to fill in place) and `build` (a model "
                          "spec or a function that builds the model).")
-    if source_model is not None and dtype_name(dtype) not in (None, "float32"):
+    if source_model not in (None, "auto") and dtype_name(dtype) not in (None, "float32"):
         raise GraftError(f"verifying runs both models on one float32 input, so it cannot check a dtype {dtype} "
                          "output; nothing was done. Verify without dtype first, then transfer again with it.")
     if out is not None and Path(out).suffix.lower() not in OUTPUT_SUFFIXES:
@@ -246,8 +251,11 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
         notes.append("built with its parameters on the meta device" if on_meta else
                      "built normally: its factory cannot run with parameters on the meta device")
     reference = None
-    if source_model is not None:
-        reference = _build(source_model, source_model_kwargs) if isinstance(source_model, str) else source_model
+    if source_model == "auto":
+        if dtype_name(dtype) in (None, "float32"):
+            reference = _found_source_model(src, notes)
+    elif source_model is not None:
+        reference = _source_model(src, source_model, source_model_kwargs)
     if plan is None:
         plan = make_plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes,
                          dtype=dtype, source_model=reference, input_shape=input_shape)
@@ -267,7 +275,15 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
     report = apply(plan, src, model, progress=progress, release_pages=out is not None)
     report.notes[:0] = notes + plan.notes
     if reference is not None:
-        report.verification = verify_against(src, reference, None, model, report)
+        try:
+            report.verification = verify(reference, model, report)
+        except GraftError as exc:  # nothing to compare, or no input fits both: said, and verified stays None
+            report.notes.append(f"not verified: {exc}")
+        if strict and report.verified is False:
+            d = report.verification.first_divergence
+            raise GraftError(f"--strict: the transfer does not compute what the source model computes: first "
+                             f"divergence at {d.target_module} (source {d.source_module}), max |diff| "
+                             f"{d.max_abs_diff:.3g}. Nothing was written. Review the plan (`graft plan`).")
     if out is not None:
         save_state(model, out, metadata=metadata, progress=write_progress, release_pages=True)
     for w in report.warnings:
@@ -275,22 +291,48 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
     return report
 
 
-def verify_against(src: Source, source_model: str | nn.Module, kwargs: str | dict | None, target: nn.Module,
-                   report: Report):
-    """Load `src` strictly into the source model (built from a spec, or given) and compare it with `target`."""
-    from torchgraft.specs import build_model
-    from torchgraft.verify import verify
-
-    reference = build_model(source_model, kwargs) if isinstance(source_model, str) else source_model
+def _source_model(src: Source, spec: str | nn.Module, kwargs: str | dict | None) -> nn.Module:
+    """The model the checkpoint was saved from, holding the checkpoint (loaded strictly): built from a spec with
+    its parameters on the meta device and given the source tensors themselves (no copy), or a module given."""
+    if isinstance(spec, str):
+        reference, on_meta = build_target(spec, kwargs)
+    else:
+        reference, on_meta = spec, False
+    shown = spec if isinstance(spec, str) else type(spec).__name__
+    wanted = reference.state_dict(keep_vars=True)
+    state = {k: v for k, v in src.state_dict().items() if k in wanted or not is_benign(k)}  # old position_ids
     try:
-        reference.load_state_dict(src.state_dict(), strict=True)
+        missing, _ = reference.load_state_dict(state, strict=False, assign=on_meta)
+        unexpected = [k for k in state if k not in wanted]
+        if unexpected or any(not is_benign(k) for k in missing):
+            raise RuntimeError(f"Error(s) in loading state_dict:\n  keys that do not fit: "
+                               f"{(unexpected + [k for k in missing if not is_benign(k)])[:3]}")
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise GraftError(f"source model {source_model if isinstance(source_model, str) else type(source_model).__name__}: "
-                         f"the checkpoint does not load strictly into it "
+        raise GraftError(f"source model {shown}: the checkpoint does not load strictly into it "
                          f"({first[1].strip() if len(first) > 1 else first[0]}); expected the model the checkpoint "
                          "was saved from.") from None
-    return verify(reference, target, report)
+    return reference.eval()
+
+
+def _found_source_model(src: Source, notes: list[str]) -> nn.Module | None:
+    """The source model the checkpoint says it comes from (`specs.source_spec`), or None; `notes` say which and
+    how it was found, or why none is used."""
+    from torchgraft.specs import source_spec
+
+    found = source_spec(src.path, src.metadata)
+    if found is None:
+        notes.append("no source model: the checkpoint does not say which model it was saved from (give one to "
+                     "trace both sides and verify by function)")
+        return None
+    spec, kwargs, how = found
+    try:
+        reference = _source_model(src, spec, kwargs)
+    except GraftError as exc:
+        notes.append(f"source model {spec} ({how}) not used: {exc}")
+        return None
+    notes.append(f"source model {spec}: {how}")
+    return reference
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:

@@ -60,24 +60,31 @@ def module_pairs(report: Any) -> dict[str, str]:
     """target module -> source module, for modules whose tensors all came from one source module."""
     pairs: dict[str, set[str]] = {}
     for e in report.entries:
-        if e.status != "loaded" or not isinstance(e.source, str):
-            continue
+        if e.status != "loaded" or not isinstance(e.source, str) or e.adapter is not None:
+            continue  # a part of a fused tensor, or a reshaped one, computes something shaped otherwise
         t_mod, s_mod = e.target.rpartition(".")[0], e.source.rpartition(".")[0]
         pairs.setdefault(t_mod, set()).add(s_mod)
     return {t: next(iter(s)) for t, s in pairs.items() if len(s) == 1}
 
 
-def example_input(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    """A random image batch shaped for `model`: timm's pretrained_cfg input size, else the first conv's channels."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
-    if size is None:
-        channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-        if channels is None:
-            raise GraftError("verify needs an example input for a model without convolutions; pass `inputs=`.")
-        size = (channels, 224, 224)
+def example_input(model: nn.Module, seed: int = 0) -> tuple[tuple, dict]:
+    """Random `(args, kwargs)` for one forward pass of `model`, shaped as its metadata says
+    (`torchgraft.match.trace.example_inputs`: a Hugging Face config, timm's pretrained_cfg, the image size a
+    module was built for, or the first layer): floating inputs random, token ids zero."""
+    from torchgraft.match.trace import example_inputs
+
+    try:
+        args, kwargs = example_inputs(model)
+    except ValueError as exc:
+        raise GraftError(f"verify needs an example input: {exc}; pass `inputs=`.") from None
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *size, generator=generator)
+
+    def real(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype.is_floating_point:
+            return torch.randn(tuple(t.shape), generator=generator)
+        return torch.zeros(tuple(t.shape), dtype=t.dtype)
+
+    return tuple(real(a) for a in args), {k: real(v) for k, v in kwargs.items()}
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -137,8 +144,14 @@ def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs
     if not pairs:
         raise GraftError("verify found no module whose tensors were loaded from one source module; nothing to "
                          "compare. Check the transfer report first.")
-    if inputs is None:
-        inputs = example_input(target_model)
+    if inputs is None:  # each model its own way of taking it (pixel_values=, or positional), the same values
+        args, kwargs = example_input(target_model)
+        src_args, src_kwargs = example_input(source_model)
+        if [t.shape for t in [*src_args, *src_kwargs.values()]] != [t.shape for t in [*args, *kwargs.values()]]:
+            src_args, src_kwargs = args, kwargs
+    else:
+        args, kwargs = (inputs if isinstance(inputs, tuple) else (inputs,)), {}
+        src_args, src_kwargs = args, kwargs
     was = (source_model.training, target_model.training)
     source_model.eval()
     target_model.eval()
@@ -146,10 +159,9 @@ def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs
     tgt_out, tgt_order, tgt_handles = _record(target_model, list(pairs))
     try:
         with torch.no_grad():
-            args = inputs if isinstance(inputs, tuple) else (inputs,)
-            y_src = _first_tensor(source_model(*args))
-            y_tgt = _first_tensor(target_model(*args))
-    except RuntimeError as exc:
+            y_src = _first_tensor(source_model(*src_args, **src_kwargs))
+            y_tgt = _first_tensor(target_model(*args, **kwargs))
+    except (RuntimeError, ValueError, TypeError) as exc:
         raise GraftError(f"verify could not run both models on the same input ({str(exc).splitlines()[0]}); "
                          "pass an input that fits both.") from None
     finally:

@@ -23,9 +23,10 @@ def unique(model: nn.Module, seed: int = 0) -> nn.Module:
     """Every floating tensor filled with distinct values, so a misplaced tensor cannot pass for the right one."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for t in model.state_dict().values():
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g))
+        for key, t in model.state_dict().items():
+            if t.is_floating_point():  # variances positive, so a model with these values still computes
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if key.endswith("running_var")
+                        else torch.randn(t.shape, generator=g))
     return model
 
 
@@ -233,3 +234,47 @@ def test_functions_do_not_shadow_their_modules():
     tg.freeze(model)
     assert not any(p.requires_grad for p in model.parameters())
     assert "source" in str(__import__("inspect").signature(tg.transfer))
+
+
+def test_the_source_model_a_file_names_is_traced_and_verifies(mobilenet_v2_path, minilm_dir):
+    report = tg.transfer(mobilenet_v2_path, timm.create_model("mobilenetv2_100"))
+    assert report.verified is True and report.counts()["loaded"] == 314
+    assert "source model torchvision:mobilenet_v2: torchvision publishes mobilenet_v2-b0353104.pth for " \
+           "mobilenet_v2" in report.notes
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.from_pretrained(str(minilm_dir), local_files_only=True)
+    report = tg.transfer(minilm_dir, transformers.BertModel(config))
+    assert any(n.startswith("source model transformers:BertModel:") and "config.json names BertModel" in n
+               for n in report.notes)
+    assert report.verified is True, report.verification
+    report = tg.transfer(mobilenet_v2_path, timm.create_model("mobilenetv2_100"), source_model=None)
+    assert report.verified is None and report.to_dict()["verified"] is None
+
+
+def test_a_source_model_gives_a_sorted_file_its_order_back(tmp_path):
+    source = unique(timm.create_model("mobilenetv2_100")).state_dict()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in source.items()}, tmp_path / "timm.safetensors")
+    alone = tg.transfer(tmp_path / "timm.safetensors", torchvision.models.mobilenet_v2())
+    assert alone.counts()["loaded"] < 100 and alone.verified is None  # names differ, order lost: refused
+    target = torchvision.models.mobilenet_v2()
+    report = tg.transfer(tmp_path / "timm.safetensors", target, source_model="timm:mobilenetv2_100")
+    assert report.counts()["loaded"] == 314 and report.verified is True
+    assert torch.equal(target.features[1].conv[0][0].weight, source["blocks.0.0.conv_dw.weight"])
+
+
+def test_cli_verify_refuses_what_it_cannot_verify(tmp_path, capsys):
+    from torchgraft.cli import main
+
+    state = unique(torchvision.models.resnet18()).state_dict()
+    torch.save(state, tmp_path / "r18.pth")
+    out = tmp_path / "o.safetensors"
+    code = main(["transfer", str(tmp_path / "r18.pth"), "--model", "timm:resnet18", "--out", str(out), "--verify"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: --verify: the transfer was not verified (no source model")
+    assert not out.exists()
+    code = main(["transfer", str(tmp_path / "r18.pth"), "--model", "timm:resnet18", "--out", str(out), "--verify",
+                 "--source-model", "torchvision:resnet18", "--input-shape", "1,3,64,64"])
+    assert code == 0 and out.exists() and "verify:" in capsys.readouterr().out
+    code = main(["transfer", str(tmp_path / "r18.pth"), "--model", "timm:resnet18", "--dry-run", "--input-shape",
+                 "1,x"])
+    assert code == 1 and "--input-shape '1,x': expected positive integers" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The same architecture as two libraries implement it, every direction, as .pth and as .safetensors, no rules.
 
-Each case ends `right` (every tensor the oracle places is loaded, and the outputs are equal), or `refused`
+With the source model given (`source_model=`), both models are traced, so a safetensors file's lost key
+order no longer matters, and the transfer is verified by running both. Each case ends `right` (every tensor the oracle places is loaded, and the outputs are equal), or `refused`
 (some stay new, each with a note) — and never with a misplaced tensor: each target tensor reported loaded must
 hold the source tensor the oracle names (weights are random and distinct, so a wrong one cannot pass). For two
 different architectures that share some shapes, every loaded tensor is misplaced by definition.
@@ -49,12 +50,10 @@ PAIRS = {
     "mobilenetv2 -> mobilenetv3-small (other architecture)": (
         lambda: torchvision.models.mobilenet_v2(), IMG, lambda: torchvision.models.mobilenet_v3_small(), IMG, False),
 }
-#: Pairs not in the zoo yet, and why: the oracle cannot reproduce the source's output for them, so it cannot
-#: judge a misplacement. Hugging Face's ViT has separate q/k/v projections (timm and torchvision fuse them);
-#: torchvision's ViT keeps its position embedding in `encoder` (timm at the root); Hugging Face's ResNet and
-#: timm's RegNet differ from torchvision's in module structure the module-by-module oracle does not follow.
-NOT_YET = ("resnet50 torchvision <-> transformers", "regnety-400mf torchvision -> timm", "vit torchvision -> timm",
-           "vit timm -> transformers")
+#: Pairs not in the zoo yet, and why: even given the source model, the transfer is not verified (the matched
+#: modules diverge), so there is no proven placement to judge a misplacement against. RegNetY-400MF and
+#: Swin-T differ between torchvision and timm; which of their loaded tensors are right is an open question.
+NOT_YET = ("regnety-400mf torchvision -> timm", "swin-t torchvision -> timm")
 RESULTS: dict[str, dict[str, str]] = {}
 
 
@@ -80,20 +79,21 @@ def _validated_oracle(make_a, in_a, make_b, in_b, source):
     return truth if ya.shape == yb.shape and torch.allclose(ya, yb, atol=1e-4, rtol=1e-4) else None
 
 
-@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+@pytest.mark.parametrize("fmt", ["pth", "safetensors", "safetensors+source_model"])
 @pytest.mark.parametrize("name", sorted(PAIRS))
 def test_zoo_pair(name, fmt, tmp_path):
     make_a, in_a, make_b, in_b, same = PAIRS[name]
     torch.manual_seed(0)
     source = {k: v.contiguous() for k, v in unique(make_a()).state_dict().items()}
-    path = tmp_path / f"source.{fmt}"
+    path = tmp_path / f"source.{fmt.split('+')[0]}"
     if fmt == "pth":
         torch.save(source, path)
     else:
         safetensors.torch.save_file(source, path)
     truth = _validated_oracle(make_a, in_a, make_b, in_b, source) if same else {}
     target = make_b().eval()
-    report = tg.transfer(path, target)
+    given = make_a() if fmt.endswith("source_model") else None  # traced, and run to verify
+    report = tg.transfer(path, target, source_model=given)
     placed = [e for e in report.entries if e.status != "new"]
     assert truth is not None, f"{name}: the oracle does not reproduce the source's output"
     misplaced = [(e.target, e.source) for e in placed if truth.get(e.target) != e.source]
@@ -109,7 +109,89 @@ def test_zoo_pair(name, fmt, tmp_path):
         outcome = "right" if equal else "refused"
     else:
         outcome = "refused"
+    if given is not None and same:
+        assert report.verified is True and outcome == "right", report.verification
+        outcome += ", verified"
     RESULTS.setdefault(name, {})[fmt] = f"{outcome} ({len(placed)}/{len(truth) or len(report.entries)})"
+    out = os.environ.get("ZOO_RESULTS")
+    if out:
+        with open(out, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+
+
+def _tv_vit():
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                hidden_dim=64, mlp_dim=128)
+
+
+def _timm_vit():
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=2,
+                             embed_dim=64, mlp_ratio=2.0, global_pool="token")
+
+
+def _hf_vit():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                    hidden_size=64, intermediate_size=128, num_labels=1000, layer_norm_eps=1e-6,
+                                    hidden_act="gelu")
+    return transformers.ViTForImageClassification(config)
+
+
+def _hf_resnet50():
+    transformers = pytest.importorskip("transformers")
+    return transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=1000))
+
+
+VIT = {"x": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+HF_VIT = {"pixel_values": VIT["x"]}
+HF_IMG = {"pixel_values": IMG["x"]}
+
+#: Pairs whose module structures differ (fused against separate attention projections, a position embedding
+#: on another container, a block's shortcut registered before its main path), so the module-by-module oracle
+#: cannot follow them. Their oracle is a transfer proven by function: given the source model, it must load
+#: every tensor, verify, and make the outputs equal (with distinct random weights, only the right placement
+#: does); then the file alone, without the source model, must not misplace anything against it.
+BY_FUNCTION = {
+    "vit torchvision -> timm": (_tv_vit, VIT, _timm_vit, VIT),
+    "vit timm -> torchvision": (_timm_vit, VIT, _tv_vit, VIT),
+    "vit timm -> transformers": (_timm_vit, VIT, _hf_vit, HF_VIT),
+    "vit transformers -> timm": (_hf_vit, HF_VIT, _timm_vit, VIT),
+    "resnet50 torchvision -> transformers": (lambda: torchvision.models.resnet50(), IMG, _hf_resnet50, HF_IMG),
+    "resnet50 transformers -> torchvision": (_hf_resnet50, HF_IMG, lambda: torchvision.models.resnet50(), IMG),
+}
+
+
+#: Known misplacements, kept visible: strict xfails fail the suite the day they are fixed, so they are noticed.
+#: A bare file of Hugging Face's ViT (no config.json beside it, so no source model) stores each block's
+#: `layernorm_before`/`layernorm_after` after its attention and MLP; aligned in that order, 4 LayerNorms of
+#: timm's blocks take the neighbouring block's. With the folder (config.json) or `source_model=`, all is right.
+KNOWN_MISPLACED = {"vit transformers -> timm": "a bare HF ViT file's LayerNorm order misleads (4 tensors)"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISPLACED[n]))
+                                  if n in KNOWN_MISPLACED else n for n in sorted(BY_FUNCTION)])
+def test_zoo_pair_by_function(name, tmp_path):
+    make_a, in_a, make_b, in_b = BY_FUNCTION[name]
+    torch.manual_seed(0)
+    a = unique(make_a())
+    source = {k: v.contiguous() for k, v in a.state_dict().items()}
+    target = make_b().eval()
+    proven = tg.transfer(source, target, source_model=make_a())
+    ya, yb = output(a, in_a), output(target, in_b)
+    assert proven.verified is True and ya.shape == yb.shape and torch.allclose(ya, yb, atol=1e-4, rtol=1e-4)
+    assert all(e.status != "new" for e in proven.entries if not e.benign)
+    truth = {e.target: e.source for e in proven.entries if e.status != "new"}
+    RESULTS.setdefault(name, {})["safetensors+source_model"] = f"right, verified ({len(truth)}/{len(truth)})"
+    for fmt in ("pth", "safetensors"):
+        path = tmp_path / f"source.{fmt}"
+        torch.save(source, path) if fmt == "pth" else safetensors.torch.save_file(source, path)
+        report = tg.transfer(path, make_b().eval(), source_model=None)
+        placed = [e for e in report.entries if e.status != "new"]
+        misplaced = [(e.target, e.source) for e in placed if truth.get(e.target) != e.source]
+        assert misplaced == [], f"{fmt}: {len(misplaced)} misplaced, e.g. {misplaced[:3]}"
+        assert all(e.note for e in report.entries if e.status == "new")
+        done = len(placed) == len(truth)
+        RESULTS[name][fmt] = f"{'right' if done else 'refused'} ({len(placed)}/{len(truth)})"
     out = os.environ.get("ZOO_RESULTS")
     if out:
         with open(out, "w") as f:

@@ -20,7 +20,7 @@ from torchgraft.io.write import atomic_write, refuse_same_path
 from torchgraft.summary import collapse_indices
 from torchgraft.match.plan import DTYPES, Plan, plan
 from torchgraft.report import Report
-from torchgraft.transfer import build_target, transfer
+from torchgraft.transfer import build_target, save_state, transfer
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,29 @@ def transfer_parser():
                    help="cast every floating tensor of the output to this dtype (default: each loaded tensor "
                         "takes the dtype of the model's tensor)")
     p.add_argument("--verify", action="store_true",
-                   help="run --source-model (with the checkpoint) and the target on one input; compare activations")
-    p.add_argument("--source-model", default=None, metavar="SPEC", help="the model the checkpoint belongs to")
+                   help="fail unless the transfer is verified: the source model (--source-model, or the one the "
+                        "checkpoint names) and the target run on one input and their matched modules agree")
+    p.add_argument("--source-model", default=None, metavar="SPEC",
+                   help="the model the checkpoint was saved from: traced so both sides align in execution order, "
+                        "and run to verify (default: the one the checkpoint names, e.g. a config.json or "
+                        "torchvision's file name)")
+    p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
+                   help="the input used to trace the models, e.g. 1,3,224,224 (default: from their metadata)")
     p.add_argument("--source-model-kwargs", default=None, metavar="JSON", help="JSON kwargs for --source-model")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
+
+
+def _input_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise GraftError(f"--input-shape {text!r}: expected positive integers separated by commas, e.g. 1,3,224,224.")
+    return shape
 
 
 def _classes(path: str | None) -> list[str] | None:
@@ -162,12 +180,11 @@ class ProgressBars:
 
 def run_transfer(source, model, model_kwargs, rules, key, source_classes, target_classes, plan, out, report, strict,
                  allow_new, dry_run, verify, source_model, source_model_kwargs, json, dtype=None,
-                 no_hash_check=False, no_verify=False) -> int:
+                 input_shape=None, no_hash_check=False, no_verify=False) -> int:
     if out is None and not dry_run:
         raise GraftError("graft transfer needs --out OUT.safetensors (or --dry-run to only report).")
-    if verify and source_model is None:
-        raise GraftError("--verify needs --source-model SPEC: the model the checkpoint was saved from.")
-    if verify and dtype not in (None, "float32"):
+    shape = _input_shape(input_shape)
+    if (verify or source_model is not None) and dtype not in (None, "float32"):
         raise GraftError(f"--verify runs both models on one float32 input, so it cannot check a --dtype {dtype} "
                          "output; nothing was done. Run with --verify and without --dtype first, then again with "
                          "--dtype.")
@@ -176,15 +193,25 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
             refuse_same_path(output, source, rules, plan)
     src = load(source, key=key, verify_hash=hash_check(no_hash_check, no_verify))
     reviewed = Plan.read(plan) if plan is not None else None
+    write_now = out if not (dry_run or verify) else None  # with --verify, only once verified
+    metadata = {"torchgraft.source": str(source), "torchgraft.model": model}
     with ProgressBars() as bars:
-        result = transfer(src, build=model, model_kwargs=model_kwargs, out=None if dry_run else out,
+        result = transfer(src, build=model, model_kwargs=model_kwargs, out=write_now,
                           plan=reviewed, rules=rules, strict=strict, allow_new=allow_new,
                           source_classes=_classes(source_classes), target_classes=_classes(target_classes),
-                          dtype=dtype, source_model=source_model if verify else None,
-                          source_model_kwargs=source_model_kwargs,
-                          metadata={"torchgraft.source": str(source), "torchgraft.model": model},
-                          progress=bars.bar("placing tensors"),
+                          dtype=dtype, source_model=source_model or "auto", source_model_kwargs=source_model_kwargs,
+                          input_shape=shape,
+                          metadata=metadata, progress=bars.bar("placing tensors"),
                           write_progress=bars.bar(f"writing {Path(out).name}") if out else None)
+        if verify and result.verified is not True:
+            why = "the matched modules diverge" if result.verified is False else next(
+                (n for n in result.notes if n.startswith(("no source model", "not verified", "source model"))),
+                "no source model")
+            raise GraftError(f"--verify: the transfer was not verified ({why}); nothing was written. Pass "
+                             "--source-model SPEC, the model the checkpoint was saved from.")
+        if verify and out is not None and not dry_run:
+            save_state(result.model, out, metadata=metadata, progress=bars.bar(f"writing {Path(out).name}"),
+                       release_pages=True)
     for note in result.notes:
         log.debug("%s: %s", model, note)
     if not dry_run and report is not None:

@@ -54,6 +54,8 @@ from torchgraft.match.trace import execution_order
 from torchgraft.match.structure import (
     Group,
     align,
+    fuse_projections,
+    split_containers,
     groups_from_keys,
     natural_order,
     order_known,
@@ -382,6 +384,7 @@ class State:
         self.warnings: list[str] = []
         self.notes: list[str] = []
         self.target_order: list[str] | None = None
+        self.virtual_targets: dict[str, list[Group]] = {}  # virtual fused group -> the separate projections
         self.source_order: list[str] | None = None
 
     def free_targets(self) -> list[str]:
@@ -406,6 +409,11 @@ class State:
             self.steps[target] = Step(target, source, "new", method, how, note="(shape mismatch, pending)")
 
     def leave_new(self, group: Group, note: str, candidates: Sequence[str] = ()) -> None:
+        """Every tensor of `group` stays new (each separate projection, for a virtual fused group)."""
+        for member in self.virtual_targets.get(group.name, [group]):
+            self._leave_new(member, note, candidates)
+
+    def _leave_new(self, group: Group, note: str, candidates: Sequence[str]) -> None:
         for n, _ in group.tensors:
             key = _join(group.name, n)
             self.steps[key] = Step(key, None, "new", "none", note=note, candidates=list(candidates))
@@ -526,16 +534,18 @@ def structure(st: State) -> None:
     order_lost = st.source_order is None and _string_sorted(list(st.src))
     src_keys = _in_order(free, st.source_order) if st.source_order else \
         (natural_order(free) if order_lost else list(free))
-    src_groups = groups_from_keys({k: free[k] for k in src_keys})
+    src_groups, src_virtual = fuse_projections(split_containers(groups_from_keys({k: free[k] for k in src_keys})))
     tgt_order = _in_order(targets, st.target_order)
     if st.source_order is None:  # the file's order: a module's own tensors stand before its children's
         tgt_order = _own_tensors_first(tgt_order)
-    tgt_groups = groups_from_keys({k: st.tgt[k] for k in tgt_order})
+    tgt_groups, tgt_virtual = fuse_projections(split_containers(groups_from_keys({k: st.tgt[k] for k in tgt_order})))
     cut_at_anchors = True
     if order_lost and _order_recovered(src_groups, tgt_groups):
         order_lost = cut_at_anchors = False
     elif order_lost:
-        tgt_groups = groups_from_keys({k: st.tgt[k] for k in natural_order(sorted(targets))})
+        tgt_groups, tgt_virtual = fuse_projections(split_containers(groups_from_keys(
+            {k: st.tgt[k] for k in natural_order(sorted(targets))})))
+    st.virtual_targets = tgt_virtual
     matches = align(src_groups, tgt_groups, cut_at_anchors=cut_at_anchors)
     short = _short_runs(matches, len(src_groups), len(tgt_groups)) if not order_lost else set()
     for m in matches:
@@ -548,10 +558,25 @@ def structure(st: State) -> None:
                                  "rename rule to choose", names)
             continue
         sg = src_groups[m.source]
+        if m.how == "aligned+names" and _local(sg.name) != _local(tg.name):
+            # Equally good alignments, settled by the likeness of whole paths: soft evidence, trusted only when
+            # the modules' own names agree too. A block whose shortcut is registered first (Hugging Face's
+            # ResNet) makes the 1x1 convolutions of its main path and shortcut trade places otherwise.
+            st.leave_new(tg, f"ambiguous: fits source module {sg.name or '(root)'} and others equally well in "
+                             "order, and their names differ; add a rename rule, or give the source model to "
+                             "align both in execution order", [sg.name])
+            continue
         if order_lost and m.how != "unique-signature" and _local(sg.name) != _local(tg.name):
             # Aligned by position in an order the file did not keep, under other names: not evidence enough.
             st.leave_new(tg, f"might be source module {sg.name or '(root)'}, but the file stores keys sorted by "
                              "name, so its module order is unknown; add a rename rule to load it", [sg.name])
+            continue
+        if tg.name in tgt_virtual or sg.name in src_virtual:
+            if m.target in short:
+                st.leave_new(tg, "separate and fused projections alike in shape, but fewer than "
+                                 f"{MIN_RUN} modules in a row agree with them; not loaded", [sg.name])
+            else:
+                _take_projections(st, sg, tg, src_virtual.get(sg.name), tgt_virtual.get(tg.name), m.how)
             continue
         if m.target in short:
             st.leave_new(tg, f"resembles source module {sg.name or '(root)'} (same tensor shapes), but fewer than "
@@ -566,6 +591,27 @@ def structure(st: State) -> None:
 #: The fewest consecutive module pairs (consecutive in both models' execution order) that make structural
 #: evidence: equal shapes in a short run are what two different architectures share by chance.
 MIN_RUN = 6
+
+
+def _take_projections(st: State, sg: Group, tg: Group, s_parts: list[Group] | None, t_parts: list[Group] | None,
+                      how: str) -> None:
+    """A fused projection paired with separate ones (or separate with separate): each separate target tensor
+    takes its part of the fused source (`split`), a fused target takes the separate sources joined (`merge`)."""
+    note = f"module {sg.name} -> {tg.name} ({how}; blocked [Q; K; V] layout)"
+    for s_name, t_name in tensor_pairs(sg, tg):
+        if t_parts is not None and s_parts is not None:
+            for s_part, t_part in zip(s_parts, t_parts):
+                st.pair(_join(t_part.name, t_name), _join(s_part.name, s_name), "structure", how, note)
+        elif t_parts is not None:
+            source = _join(sg.name, s_name)
+            for i, t_part in enumerate(t_parts):
+                args = {"dim": 0, "part": i, "parts": len(t_parts)}
+                st.take(_join(t_part.name, t_name), source, "structure", how,
+                        f"{note}; {adapt.get('split').sentence(args, (), ())}", "split", args)
+        else:
+            args = {"dim": 0}
+            st.take(_join(tg.name, t_name), [_join(p.name, s_name) for p in s_parts or []], "structure", how,
+                    f"{note}; {adapt.get('merge').sentence(args, (), ())}", "merge", args)
 
 
 def _short_runs(matches: Sequence[Any], n_source: int, n_target: int) -> set[int]:

@@ -52,6 +52,8 @@ __all__ = [
     "GroupMatch",
     "align",
     "compatible",
+    "fuse_projections",
+    "split_containers",
     "groups_from_keys",
     "groups_from_model",
     "natural_order",
@@ -130,7 +132,19 @@ NAME_FAMILIES = {
     "gamma": "layer_scale", "layer_scale_parameter": "layer_scale",
     "class_token": "cls_token",
     "pos_embedding": "pos_embed", "position_embeddings": "pos_embed",
+    "in_proj_weight": "weight", "in_proj_bias": "bias",  # torch's MultiheadAttention: a fused [Q; K; V]
 }
+
+#: Module names of separate attention projections, by the part of a blocked [Q; K; V] each holds. Separate
+#: projections that follow each other under one module (q, k, v) are aligned as one fused group, so that they
+#: meet a fused `qkv` (timm) or `in_proj` (torch's MultiheadAttention), whose layout is blocked: the rows of
+#: Q, then K, then V. Layouts that interleave heads (GPT-NeoX's `query_key_value`) are not in this table.
+PROJECTION_PARTS = {
+    "q": "q", "query": "q", "q_proj": "q",
+    "k": "k", "key": "k", "k_proj": "k",
+    "v": "v", "value": "v", "v_proj": "v",
+}
+FUSED_ORDERS = (("q", "k", "v"), ("k", "v"))
 
 
 def family(name: str) -> str:
@@ -166,6 +180,63 @@ def tensor_pairs(source: Group, target: Group) -> list[tuple[str, str]]:
     """
     have = {family(n): n for n, _ in source.tensors}
     return [(have[family(n)], n) for n, _ in target.tensors if family(n) in have]
+
+
+def split_containers(groups: Sequence[Group]) -> list[Group]:
+    """Tensors a container owns beside its submodules (a ViT's `cls_token`, `pos_embed`; a block's layer scale)
+    each as a group of its own: libraries keep them on different containers (torchvision's ViT has its class
+    token on the model and its position embedding on the encoder, timm both on the model), so they pair one by
+    one, by name family and shape."""
+    names = [g.name for g in groups]
+    containers = {n for n in names if any(other != n and (n == "" or other.startswith(n + ".")) for other in names)}
+    out: list[Group] = []
+    for g in groups:
+        if g.name in containers and len(g.tensors) > 1:
+            paired = tuple(t for t in g.tensors if family(t[0]) in ("weight", "bias"))  # a fused in_proj's pair
+            if paired:
+                out.append(Group(g.name, paired, g.kind))
+            out.extend(Group(g.name, (t,), g.kind) for t in g.tensors if t not in paired)
+        else:
+            out.append(g)
+    return out
+
+
+def fuse_projections(groups: Sequence[Group]) -> tuple[list[Group], dict[str, list[Group]]]:
+    """Groups with each run of separate projections (`PROJECTION_PARTS`, in a `FUSED_ORDERS` order, siblings
+    with equal tensors: weight `(D, I)`, bias `(D,)`) replaced by one virtual group as a blocked fused one would
+    be (weight `(k*D, I)`), placed where the first stood; and virtual name -> the groups it stands for."""
+    out: list[Group] = []
+    virtual: dict[str, list[Group]] = {}
+    i = 0
+    while i < len(groups):
+        for order in FUSED_ORDERS:
+            run = list(groups[i:i + len(order)])
+            if len(run) == len(order) and _projection_run(run, order):
+                parent = run[0].name.rpartition(".")[0]
+                name = _join_name(parent, "{" + ",".join(g.name.rpartition(".")[2] for g in run) + "}")
+                fused = tuple((n, (shape[0] * len(order), *shape[1:])) for n, shape in run[0].tensors)
+                out.append(Group(name, fused))
+                virtual[name] = run
+                i += len(order)
+                break
+        else:
+            out.append(groups[i])
+            i += 1
+    return out, virtual
+
+
+def _projection_run(run: Sequence[Group], order: Sequence[str]) -> bool:
+    parents = {g.name.rpartition(".")[0] for g in run}
+    parts = [PROJECTION_PARTS.get(g.name.rpartition(".")[2]) for g in run]
+    names = {g.name.rpartition(".")[2] for g in run}
+    shapes = {g.tensors for g in run}
+    return (len(parents) == 1 and tuple(parts) == tuple(order) and len(names) == len(run) and len(shapes) == 1
+            and {n for n, _ in run[0].tensors} <= {"weight", "bias"} and any(n == "weight" for n, _ in run[0].tensors)
+            and all(len(s) == 2 if n == "weight" else len(s) == 1 for n, s in run[0].tensors))
+
+
+def _join_name(module: str, name: str) -> str:
+    return f"{module}.{name}" if module else name
 
 
 # --------------------------------------------------------------------------------------------------------------
