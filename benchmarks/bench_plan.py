@@ -1,4 +1,4 @@
-"""How long `plan` (torchgraft.transfer) takes as models grow (issue: planning two 5,000-module models <= 2 s).
+"""How long `plan` (torchgraft.match.plan) takes as models grow (issue: planning two 5,000-module models <= 2 s).
 
 Run: .venv/bin/python benchmarks/bench_plan.py [--png plan_time.png]
 
@@ -6,7 +6,8 @@ Models are transformer-like stacks built on the meta device (no memory, no initi
 4 Linear layers and 2 LayerNorms, so 6 modules a block. The source is a checkpoint description (names and
 shapes only — planning never reads values) of the same stack under other names, so every tensor goes
 through structure matching; `exact` uses the same names; `insert` adds one block in the middle of the target.
-Times are the best of 3 runs, in seconds, on one process.
+Every plan traces the target first (one forward pass on the meta device, `torchgraft.match.trace`); the
+"trace" column is that pass alone. Times are the best of 3 runs, in seconds, on one process.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from torchgraft.io.read import Source, TensorInfo
-from torchgraft.transfer import plan
+from torchgraft.match.plan import plan
 
 
 class Block(nn.Module):
@@ -31,6 +32,11 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(width, 2 * width)
         self.fc2 = nn.Linear(2 * width, width)
 
+    def forward(self, x):
+        q = self.qkv(self.norm1(x))[..., : x.shape[-1]]
+        x = x + self.proj(q)
+        return x + self.fc2(self.fc1(self.norm2(x)))
+
 
 class Stack(nn.Module):
     def __init__(self, blocks: int, width: int = 64, insert: bool = False) -> None:
@@ -39,6 +45,12 @@ class Stack(nn.Module):
         n = blocks + (1 if insert else 0)
         self.blocks = nn.ModuleList(Block(width) for _ in range(n))
         self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
 
 
 def source_of(model: nn.Module, rename: bool) -> Source:
@@ -65,7 +77,9 @@ def main() -> None:
     parser.add_argument("--png", default=None, help="also save a plot of time against modules")
     args = parser.parse_args()
     rows = []
-    print(f"{'modules':>8} {'exact s':>9} {'renamed s':>10} {'insert s':>9}  loaded(renamed)")
+    from torchgraft.match.trace import execution_order
+
+    print(f"{'modules':>8} {'trace s':>8} {'exact s':>9} {'renamed s':>10} {'insert s':>9}  loaded(renamed)")
     for blocks in (16, 40, 80, 160, 400, 833):
         with torch.device("meta"):
             target = Stack(blocks)
@@ -73,13 +87,16 @@ def main() -> None:
         modules = sum(1 for _ in target.modules())
         src_same = source_of(target, rename=False)
         src_renamed = source_of(target, rename=True)
+        t_trace = best_of(lambda: execution_order(target))
+        assert execution_order(target).ok
         t_exact = best_of(lambda: plan(src_same, target))
         report = plan(src_renamed, target)
         t_renamed = best_of(lambda: plan(src_renamed, target))
         t_insert = best_of(lambda: plan(src_renamed, inserted))
-        loaded = report.counts()["loaded"]
+        loaded = report.counts()["load"]
         rows.append((modules, t_exact, t_renamed, t_insert))
-        print(f"{modules:>8} {t_exact:>9.3f} {t_renamed:>10.3f} {t_insert:>9.3f}  {loaded}/{len(report.entries)}")
+        print(f"{modules:>8} {t_trace:>8.3f} {t_exact:>9.3f} {t_renamed:>10.3f} {t_insert:>9.3f}  "
+              f"{loaded}/{len(report.steps)}")
     if args.png:
         import matplotlib
 

@@ -89,8 +89,10 @@ def test_sigkill_at_random_points_then_resume(tmp_path, mobilenet_v2_path, digit
             if killed:
                 assert check_run_folder(out) >= done  # a resume never goes backwards
         kills += int(killed)
-    if killed:  # the last resume runs to the end
-        proc = graft("finetune", "--resume", out)
+    if killed:  # the last run goes to the end: a resume, or a fresh start if every kill came before the folder
+        args = ["finetune", "--resume", out] if (out / "config.yaml").exists() else start_args(mobilenet_v2_path,
+                                                                                               digits, out)
+        proc = graft(*args)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
     assert check_run_folder(out) == EPOCHS - 1

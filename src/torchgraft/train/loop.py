@@ -222,7 +222,9 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     pre = preprocessing_for(model, config.model, config.image_size)
     report = None
     if not resume:
-        report = transfer(load(config.weights, key=config.key), model, target_classes=classes)
+        # the weights only: verifying against a source model (graft transfer's job) would build a second model
+        # and run both in every process before the first step
+        report = transfer(load(config.weights, key=config.key), model, target_classes=classes, source_model=None)
         reporter.transfer(report)
 
     # -- freezing: head first, then the backbone (or the user's steps)
