@@ -6,7 +6,6 @@ checkpoint or a fine-tuned model, and the files given with `--source-classes`, `
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from torchgraft.errors import GraftError

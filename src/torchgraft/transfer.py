@@ -195,7 +195,8 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
              strict: bool = False, allow_new: Sequence[str] = (), source_classes: Sequence[str] | None = None,
              target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None,
              source_model: str | nn.Module | None = "auto", source_model_kwargs: str | dict | None = None,
-             input_shape: Sequence[int] | None = None, metadata: dict[str, str] | None = None,
+             input_shape: Sequence[int] | None = None, trace: bool = True,
+             metadata: dict[str, str] | None = None,
              progress: Callable[[int, int], None] | None = None,
              write_progress: Callable[[int, int], None] | None = None) -> Report:
     """Load what fits from `source` into a model and return the Report.
@@ -231,6 +232,7 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
             `report.verified` says whether the matched modules compute the same, and `strict` fails when they
             do not.
         input_shape: the input for tracing, e.g. (1, 3, 224, 224); by default read from the models' metadata.
+        trace: False aligns in registration order, without the forward pass that finds execution order.
         progress, write_progress: called as `progress(bytes_done, total_bytes)` as tensors are placed and
             written.
     """
@@ -258,7 +260,7 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
         reference = _source_model(src, source_model, source_model_kwargs)
     if plan is None:
         plan = make_plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes,
-                         dtype=dtype, source_model=reference, input_shape=input_shape)
+                         dtype=dtype, source_model=reference, input_shape=input_shape, trace=trace)
     else:
         plan.check_fits(src, model)
     if strict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.nn as nn
 
 from torchgraft.match.trace import execution_order, reorder

@@ -7,15 +7,16 @@ Matching is the ordered list `STAGES`. Each stage is a function over one shared 
 target tensors the stages before it left undecided and the source tensors they left unused, and records every
 decision as a `Step` with its evidence (`method`, `how`, `note`, `candidates`):
 
-    trace              the target's execution order (and the source model's, when given), by one forward
-                       pass on the meta device; registration order, and a note why, when it cannot run
     drops              source tensors a rule drops are never used
     merges_and_splits  rules that join several source tensors into one target, or cut one into several
     renames            rules that rename a source tensor              method: rule
     exact              equal names                                    method: exact
     prefixes           names equal once a prefix found by analysing both sides is removed
                        (module., backbone., bert., ...)               method: prefix
-    structure          modules aligned in execution order by their tensors' shapes where names differ; only
+    structure          first `trace`: the target's execution order (and the source model's, when given), by
+                       one forward pass on the meta device (registration order, and a note why, when it
+                       cannot run); then modules aligned in execution order by their tensors' shapes
+                       where names differ; only
                        pairs every best alignment agrees on, in runs of at least MIN_RUN modules that agree
                        in order (or a shape found once on each side)  method: structure
     stem               a renamed first convolution with other input channels, tied by its neighbours
@@ -54,6 +55,7 @@ from torchgraft.match.trace import execution_order
 from torchgraft.match.structure import (
     Group,
     align,
+    ancestors,
     fuse_projections,
     split_containers,
     groups_from_keys,
@@ -239,7 +241,8 @@ class Plan:
         notes = [str(n) for n in data.get("notes") or []]
         return cls(source=str(data.get("source", "")), target=str(data.get("target", "")), steps=steps,
                    unused_source=[{"source": u["source"], "why": str(u.get("why", ""))} for u in unused],
-                   warnings=warnings, notes=notes, dtype=dtype, fingerprint={str(k): str(v) for k, v in fingerprint.items()})
+                   warnings=warnings, notes=notes, dtype=dtype,
+                   fingerprint={str(k): str(v) for k, v in fingerprint.items()})
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON, atomically."""
@@ -368,6 +371,7 @@ class State:
                  input_shape: tuple[int, ...] | None = None) -> None:
         self.source, self.model, self.rules = source, model, rules
         self.source_model, self.input_shape = source_model, input_shape
+        self.tracing, self.traced = True, False
         self.source_classes, self.target_classes, self.dtype = source_classes, target_classes, dtype
         state = model.state_dict(keep_vars=True)
         self.tgt = {k: tuple(v.shape) for k, v in state.items()}
@@ -423,7 +427,12 @@ class State:
 
 
 def trace(st: State) -> None:
-    """Execution order of the target (and of the source model, when one is given), for structure matching."""
+    """Execution order of the target (and of the source model, when one is given), for structure matching;
+    run by `structure` only when names left something to align (tracing costs a forward pass on the meta
+    device, about a millisecond a module), and not at all with `trace=False`."""
+    if st.traced or not st.tracing:
+        return
+    st.traced = True
     found = execution_order(st.model, st.input_shape)
     st.target_order = found.order
     st.notes.append(f"target {found.note}")
@@ -522,6 +531,7 @@ def structure(st: State) -> None:
     targets = st.free_targets()
     if not free or not targets:
         return
+    trace(st)
     # Module classes are not compared: libraries name the same computation differently (BatchNorm2d in
     # torchvision, BatchNormAct2d in timm); shapes and local tensor names decide.
     # A file stored with keys sorted as strings (safetensors) has lost its module order. natural_order puts
@@ -639,12 +649,16 @@ def _own_tensors_first(keys: list[str]) -> list[str]:
     before them. Aligned against a file's order, the trace keeps what it knows (the order of leaf modules)
     and takes the file's convention for the rest."""
     modules = {k.rpartition(".")[0] for k in keys}
-    owners = {m for m in modules if any(other.startswith(m + ".") or (m == "" and other) for other in modules)}
+    owners = modules & ancestors(modules)
     if not owners:
         return keys
     out: list[str] = []
     placed: set[str] = set()
-    own = {m: [k for k in keys if k.rpartition(".")[0] == m] for m in owners}
+    own: dict[str, list[str]] = {m: [] for m in owners}
+    for k in keys:
+        module = k.rpartition(".")[0]
+        if module in own:
+            own[module].append(k)
     for key in keys:
         module = key.rpartition(".")[0]
         if module in owners:
@@ -759,7 +773,7 @@ def casts(st: State) -> None:
 
 
 #: The matching stages, in the order they run; each sees only what the stages before it left.
-STAGES: tuple[Callable[[State], None], ...] = (trace, drops, merges_and_splits, renames, exact, prefixes, structure,
+STAGES: tuple[Callable[[State], None], ...] = (drops, merges_and_splits, renames, exact, prefixes, structure,
                                                stem, adapters, orphans)
 
 
@@ -864,7 +878,8 @@ def dtype_name(dtype: str | torch.dtype | None) -> str | None:
 def plan(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str], model: nn.Module, *,
          rules: Any = None, source_classes: Sequence[str] | None = None,
          target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None,
-         source_model: nn.Module | str | None = None, input_shape: Sequence[int] | None = None) -> Plan:
+         source_model: nn.Module | str | None = None, input_shape: Sequence[int] | None = None,
+         trace: bool = True) -> Plan:
     """Decide, without touching any values, which source tensor(s) each target tensor takes.
 
     Args:
@@ -878,6 +893,8 @@ def plan(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str], m
             on the meta device): traced, its execution order replaces the file's order (which a safetensors
             file loses).
         input_shape: the input for tracing, e.g. (1, 3, 224, 224); by default read from the model's metadata.
+        trace: False aligns in registration order without the forward pass (for very large models, where it
+            costs about a millisecond a module).
     """
     src = as_source(source)
     if isinstance(source_model, str):
@@ -886,6 +903,7 @@ def plan(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str], m
         source_model, _ = build_target(source_model)
     st = State(src, model, load_rules(rules), resolve_classes(src, source_classes, target_classes), target_classes,
                dtype_name(dtype), source_model, tuple(input_shape) if input_shape else None)
+    st.tracing = trace
     for stage in STAGES:
         stage(st)
     return _finish(st)

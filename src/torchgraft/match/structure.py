@@ -175,11 +175,23 @@ def compatible(a: Group, b: Group) -> bool:
 def tensor_pairs(source: Group, target: Group) -> list[tuple[str, str]]:
     """(source local name, target local name) for each target tensor that has a source tensor, in target order.
 
-    Pairs by name (by family, `NAME_FAMILIES`): compatible groups have the same names. An optional tensor (`num_batches_tracked`) missing
-    from the source is left out, so the target keeps its own.
+    Pairs by name (by family, `NAME_FAMILIES`): compatible groups have the same names. An optional tensor
+    (`num_batches_tracked`) missing from the source is left out, so the target keeps its own.
     """
     have = {family(n): n for n, _ in source.tensors}
     return [(have[family(n)], n) for n, _ in target.tensors if family(n) in have]
+
+
+def ancestors(modules: Iterable[str]) -> set[str]:
+    """Every module path that is a proper ancestor of one of `modules` (`""` for the root)."""
+    out: set[str] = set()
+    for name in modules:
+        if not name:
+            continue
+        parts = name.split(".")
+        for depth in range(len(parts)):
+            out.add(".".join(parts[:depth]))
+    return out
 
 
 def split_containers(groups: Sequence[Group]) -> list[Group]:
@@ -187,8 +199,7 @@ def split_containers(groups: Sequence[Group]) -> list[Group]:
     each as a group of its own: libraries keep them on different containers (torchvision's ViT has its class
     token on the model and its position embedding on the encoder, timm both on the model), so they pair one by
     one, by name family and shape."""
-    names = [g.name for g in groups]
-    containers = {n for n in names if any(other != n and (n == "" or other.startswith(n + ".")) for other in names)}
+    containers = ancestors(g.name for g in groups)
     out: list[Group] = []
     for g in groups:
         if g.name in containers and len(g.tensors) > 1:
