@@ -89,6 +89,9 @@ def build_model(spec: str, kwargs: dict[str, Any] | str | None = None) -> nn.Mod
     return model
 
 
+_HUB_NAME = re.compile(r"[\w.]+-[0-9a-f]{8,64}\.pth")
+
+
 @functools.lru_cache(maxsize=None)
 def torchvision_files() -> dict[str, tuple[str, tuple[str, ...]]]:
     """File name of every torchvision weights URL (`mobilenet_v2-b0353104.pth`) -> (model name, categories)."""
@@ -128,7 +131,8 @@ def source_spec(path: str | os.PathLike[str], metadata: dict[str, Any] | None = 
             kwargs = {"num_classes": config["num_classes"]} if isinstance(config.get("num_classes"), int) else {}
             return (f"timm:{config['architecture']}", kwargs,
                     f"{folder / 'config.json'} names timm's {config['architecture']}")
-    known = torchvision_files().get(p.name)
+    # torchvision publishes `name-<hash>.pth` files; only such a name is worth importing its model table for
+    known = torchvision_files().get(p.name) if _HUB_NAME.fullmatch(p.name) else None
     if known is not None:
         return (f"torchvision:{known[0]}", {"num_classes": len(known[1])} if known[1] else {},
                 f"torchvision publishes {p.name} for {known[0]}")
