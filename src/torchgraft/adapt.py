@@ -37,6 +37,7 @@ __all__ = [
     "split_part",
     "merge",
     "reshape",
+    "canonical_shape",
     "choose",
     "describe",
     "docs_table",
@@ -489,13 +490,15 @@ class Adapter:
         return args
 
 
-def _canonical(shape: Sequence[int]) -> tuple[int, ...]:
+def canonical_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape without its size-1 dimensions: `(O, I, 1, 1)`, `(O, I)`; `(C, 1, 1)`, `(C,)`; `(1, N, D)`,
+    `(N, D)` hold the same numbers in the same order (the `reshape` adapter), roles agreeing."""
     kept = tuple(int(d) for d in shape if d != 1)
     return kept if kept or not shape else (1,)
 
 
 def _choose_reshape(fit: Fit) -> dict[str, Any] | None:
-    if _canonical(fit.source_shape) == _canonical(fit.target_shape):
+    if canonical_shape(fit.source_shape) == canonical_shape(fit.target_shape):
         return {"shape": list(fit.target_shape)}
     return None
 
@@ -504,7 +507,7 @@ def reshape(tensor: Tensor, shape: Sequence[int]) -> Tensor:
     """The same numbers in the same order under another shape that differs only in size-1 dimensions: a
     `Linear (O, I)` as a 1x1 convolution `(O, I, 1, 1)`, a layer scale `(C,)` as `(C, 1, 1)`, a position
     embedding `(1, N, D)` as `(N, D)`. Anything else (a crop, a transpose) is refused."""
-    if _canonical(tensor.shape) != _canonical(shape):
+    if canonical_shape(tensor.shape) != canonical_shape(shape):
         raise GraftError(f"reshape: found shape {tuple(tensor.shape)}, which differs from {tuple(shape)} in more "
                          "than size-1 dimensions; expected the same numbers in the same order. Nothing is cropped.")
     return tensor.reshape(tuple(shape))

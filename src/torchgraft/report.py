@@ -18,7 +18,7 @@ from torchgraft.match.names import is_benign
 from torchgraft.numeric import check_tensor, describe_problems
 from torchgraft.summary import collapse_indices
 
-__all__ = ["Entry", "Report", "STATUSES", "LOW_OVERLAP", "check_new", "sources_of"]
+__all__ = ["Entry", "Report", "STATUSES", "LOW_OVERLAP", "check_finite", "check_new", "sources_of"]
 
 #: A report entry's status: the source tensor as it is, the output of a named adapter, or the model's own value.
 STATUSES = ("loaded", "adapted", "new")
@@ -58,6 +58,17 @@ def check_new(items: Sequence[Any], allow_new: Sequence[str], new: str) -> None:
             f"--strict: {len(missing)} target tensors would stay new ({shown}); expected every tensor loaded "
             "or adapted. Nothing was written. Add a rule for them, or allow them with --allow-new PATTERN "
             "(e.g. --allow-new 'fc.*' for a new head)."
+        )
+
+
+def check_finite(problems: Sequence[dict[str, Any]]) -> None:
+    """Raise for `--strict` when any of `problems` (`numeric.check_tensor`'s, keyed by `key`) is NaN or Inf."""
+    bad = [p for p in problems if p["problem"] in ("nan", "inf")]
+    if bad:
+        raise GraftError(
+            f"--strict: {len(bad)} loaded source tensors hold NaN or infinite values ({describe_problems(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); the checkpoint is damaged or diverged. Nothing was written. "
+            "Use another checkpoint, or drop those tensors with a rule."
         )
 
 
@@ -183,11 +194,4 @@ class Report:
         check_new(self.entries, allow_new, "new")
         if source is not None:
             self.check_numeric(source)
-        bad = [p for p in self.numeric if p["problem"] in ("nan", "inf")]
-        if bad:
-            raise GraftError(
-                f"--strict: {len(bad)} loaded source tensors hold NaN or infinite values "
-                f"({describe_problems([{**p, 'key': p['source']} for p in bad[:3]])}"
-                f"{', ...' if len(bad) > 3 else ''}); the checkpoint is damaged or diverged. Nothing was written. "
-                "Use another checkpoint, or drop those tensors with a rule."
-            )
+        check_finite([{**p, "key": p["source"]} for p in self.numeric])

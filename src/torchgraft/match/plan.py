@@ -64,7 +64,7 @@ from torchgraft.match.structure import (
     signature,
     tensor_pairs,
 )
-from torchgraft.report import LOW_OVERLAP, check_new, sources_of
+from torchgraft.report import LOW_OVERLAP, check_finite, check_new, sources_of
 from torchgraft.summary import collapse_indices
 
 __all__ = ["Plan", "Step", "State", "STAGES", "ACTIONS", "PLAN_VERSION", "plan", "as_source", "DTYPES"]
@@ -177,23 +177,18 @@ class Plan:
     def check_strict(self, allow_new: Sequence[str] = (), source: Source | None = None) -> None:
         """Raise unless every target tensor will be loaded or adapted (benign buffers and `allow_new` globs
         aside), and (with `source`) unless every source tensor the plan takes is finite."""
-        from torchgraft.numeric import check_tensor, describe_problems
+        from torchgraft.numeric import check_tensor
 
         check_new(self.steps, allow_new, "new")
         if source is None:
             return
-        bad = []
+        problems = []
         for s in self.steps:
             for name in sources_of(s.source) if s.action != "new" else []:
                 if name not in self.numeric and name in source.info:
                     self.numeric[name] = check_tensor(name, source[name])
-                bad += [p for p in self.numeric.get(name, []) if p["problem"] in ("nan", "inf")]
-        if bad:
-            raise GraftError(
-                f"--strict: {len(bad)} loaded source tensors hold NaN or infinite values ({describe_problems(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}); the checkpoint is damaged or diverged. Nothing was written. "
-                "Use another checkpoint, or drop those tensors with a rule."
-            )
+                problems += self.numeric.get(name, [])
+        check_finite(problems)
 
     # -- as a file
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from torchgraft.adapt import canonical_shape
 from torchgraft.match.names import BENIGN_TENSORS
 
 __all__ = [
@@ -150,13 +151,6 @@ FUSED_ORDERS = (("q", "k", "v"), ("k", "v"))
 def family(name: str) -> str:
     """A local tensor name's family (`NAME_FAMILIES`), or the name itself."""
     return NAME_FAMILIES.get(name, name)
-
-
-def canonical_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """The shape without its size-1 dimensions: `(O, I, 1, 1)`, `(O, I)`; `(C, 1, 1)`, `(C,)`; `(1, N, D)`,
-    `(N, D)` hold the same numbers in the same order, so they may pair (the `reshape` adapter), roles agreeing."""
-    kept = tuple(int(d) for d in shape if d != 1)
-    return kept if kept or not shape else (1,)
 
 
 def signature(group: Group) -> Signature:
