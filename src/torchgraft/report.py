@@ -8,7 +8,7 @@ report says what happened.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,15 +172,18 @@ class Report:
                     lines.append(f"  ... and {len(rows) - max_rows} more (report.to_dict() lists them all)")
         return "\n".join(lines)
 
-    def check_numeric(self, source: Source, entries: Sequence[Entry] | None = None) -> None:
+    def check_numeric(self, source: Source, entries: Sequence[Entry] | None = None,
+                      known: Mapping[str, list[dict[str, Any]]] | None = None) -> None:
         """Check the source tensors that `entries` (default: every loaded or adapted one) take, once each: NaN,
-        Inf and all-zero weights are added to `numeric`, with a warning per source tensor."""
+        Inf and all-zero weights are added to `numeric`, with a warning per source tensor. `known` holds the
+        problems of tensors already checked (by `Plan.check_strict`), which are not read again."""
         for e in (entries if entries is not None else [e for e in self.entries if e.status != "new"]):
             for name in sources_of(e.source):
                 if name in self._numeric_seen or name not in source.info:
                     continue
                 self._numeric_seen.add(name)
-                for problem in check_tensor(name, source[name]):
+                found = (known or {}).get(name)
+                for problem in found if found is not None else check_tensor(name, source[name]):
                     self.add_numeric(problem, e.target)
 
     def add_numeric(self, problem: dict[str, Any], target: str) -> None:

@@ -89,12 +89,7 @@ def apply(plan: Plan, source: Source | Mapping[str, torch.Tensor] | str | os.Pat
     for step, entry in placing:
         current = state[step.target]
         names = sources_of(step.source)
-        for name in names:  # numeric checks, once per source tensor (check_strict may have done them)
-            problems = plan.numeric.get(name)
-            if name not in report._numeric_seen and name in src.info:
-                report._numeric_seen.add(name)
-                for problem in problems if problems is not None else _check(name, src[name]):
-                    report.add_numeric(problem, step.target)
+        report.check_numeric(src, [entry], known=plan.numeric)  # once per source tensor, as it is placed
         values = [src[name] for name in names]
         value = adapt.get(step.adapter).run(values, current.detach(), step.args or {}) if step.adapter else values[0]
         if tuple(value.shape) != tuple(current.shape):
@@ -130,12 +125,6 @@ def apply(plan: Plan, source: Source | Mapping[str, torch.Tensor] | str | os.Pat
             "the model computes when it is built), so no checkpoint can fill them. Build the model on the CPU "
             "instead of the meta device.")
     return report
-
-
-def _check(name: str, tensor: torch.Tensor) -> list[dict[str, Any]]:
-    from torchgraft.numeric import check_tensor
-
-    return check_tensor(name, tensor)
 
 
 def build_target(build: str | Callable[[], nn.Module], model_kwargs: str | dict | None = None

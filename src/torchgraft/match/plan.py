@@ -277,7 +277,8 @@ class Plan:
                 raise GraftError(f"{where}: the plan loads {s.source} {list(src[s.source][0])} into {s.target} "
                                  f"{list(target[s.target][0])}; expected equal shapes or an adapter. Fix the step "
                                  "or re-run `graft plan`.")
-        missing = [k for k in target if k not in {s.target for s in self.steps}]
+        planned = {s.target for s in self.steps}
+        missing = [k for k in target if k not in planned]
         if missing:
             raise GraftError(f"{where}: the model has {len(missing)} tensors the plan does not mention (first: "
                              f"{missing[0]}); expected a plan made for this --model. Re-run `graft plan`.")
