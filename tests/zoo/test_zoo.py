@@ -162,10 +162,9 @@ BY_FUNCTION = {
 
 
 #: Known misplacements, kept visible: strict xfails fail the suite the day they are fixed, so they are noticed.
-#: A bare file of Hugging Face's ViT (no config.json beside it, so no source model) stores each block's
-#: `layernorm_before`/`layernorm_after` after its attention and MLP; aligned in that order, 4 LayerNorms of
-#: timm's blocks take the neighbouring block's. With the folder (config.json) or `source_model=`, all is right.
-KNOWN_MISPLACED = {"vit transformers -> timm": "a bare HF ViT file's LayerNorm order misleads (4 tensors)"}
+#: None today. (A bare file of Hugging Face's ViT, whose blocks store `layernorm_before`/`layernorm_after` after
+#: the attention, misplaced 4 LayerNorms until matches were checked against the block structure.)
+KNOWN_MISPLACED: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_MISPLACED[n]))

@@ -54,8 +54,10 @@ from torchgraft.match.names import BENIGN_TENSORS, Rules, best_prefixes, is_beni
 from torchgraft.match.trace import execution_order
 from torchgraft.match.structure import (
     Group,
+    GroupMatch,
     align,
     ancestors,
+    check_blocks,
     fuse_projections,
     split_containers,
     groups_from_keys,
@@ -554,8 +556,20 @@ def structure(st: State) -> None:
     st.virtual_targets = tgt_virtual
     matches = align(src_groups, tgt_groups, cut_at_anchors=cut_at_anchors)
     short = _short_runs(matches, len(src_groups), len(tgt_groups)) if not order_lost else set()
+    known = {(step.source.rpartition(".")[0], k.rpartition(".")[0]) for k, step in st.steps.items()
+             if step.action != "new" and isinstance(step.source, str)}
+    evidenced = [m for m in matches if m.target not in short]
+    off_block, settled = check_blocks(src_groups, tgt_groups, evidenced, known, cut_at_anchors=cut_at_anchors)
+    if settled:
+        matches = [GroupMatch(m.target, settled[m.target], [], "aligned in block") if m.target in settled else m
+                   for m in matches]
+        if not order_lost:
+            short = _short_runs(matches, len(src_groups), len(tgt_groups))
     for m in matches:
         tg = tgt_groups[m.target]
+        if m.target in off_block:
+            st.leave_new(tg, off_block[m.target], [src_groups[m.source].name])
+            continue
         if m.source is None:
             if m.candidates:
                 names = [src_groups[i].name or "(root)" for i in m.candidates]

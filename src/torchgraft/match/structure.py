@@ -52,6 +52,8 @@ __all__ = [
     "Group",
     "GroupMatch",
     "align",
+    "block_of",
+    "check_blocks",
     "compatible",
     "fuse_projections",
     "split_containers",
@@ -242,6 +244,112 @@ def _projection_run(run: Sequence[Group], order: Sequence[str]) -> bool:
 
 def _join_name(module: str, name: str) -> str:
     return f"{module}.{name}" if module else name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# blocks
+
+
+def block_of(module: str, containers: set[str]) -> str:
+    """The numbered block that holds `module`: its deepest ancestor whose last name part is a number
+    (`layer1.0`, `blocks.3`, `features.2.conv.0`), the module itself when it is such a container with tensors of
+    its own (a ConvNeXt block's layer scale); `""` when none is."""
+    parts = module.split(".") if module else []
+    top = len(parts) if module in containers else len(parts) - 1
+    for depth in range(top, 0, -1):
+        if parts[depth - 1].isdigit():
+            return ".".join(parts[:depth])
+    return ""
+
+
+def check_blocks(source: Sequence[Group], target: Sequence[Group], matches: Sequence[GroupMatch],
+                 known: Iterable[tuple[str, str]] = (), *, cut_at_anchors: bool = True
+                 ) -> tuple[dict[int, str], dict[int, int]]:
+    """Matches that break the block structure, as target group index -> why it must not be loaded; and
+    ambiguous target groups the block structure settles, as target index -> source index.
+
+    The matched pairs (with `known`, module pairs settled earlier, e.g. by name) vote for a correspondence of
+    numbered blocks (`block_of`): a source block corresponds to the target blocks that most of its pairs land
+    in, and back. Two checks follow, both of which a positional alignment can fail when one library registers
+    a block's modules in another order than it runs them (Hugging Face's ViT stores `layernorm_before` after
+    the attention):
+    1. a pair whose blocks correspond in neither direction crosses into a neighbouring block;
+    2. the groups of corresponding blocks are aligned again on their own, and a pair this alignment does not
+       give too (the block-local choice is ambiguous) was settled only by what lies outside the block.
+    A target group left ambiguous between candidates of several blocks takes the one candidate that the
+    alignment of its own block gives (a final norm that also resembles the last block's norms).
+    """
+    s_cont, t_cont = ancestors(g.name for g in source), ancestors(g.name for g in target)
+    sb = [block_of(g.name, s_cont) for g in source]
+    tb = [block_of(g.name, t_cont) for g in target]
+    votes: dict[tuple[str, str], int] = defaultdict(int)
+    for m in matches:
+        if m.source is not None:
+            votes[(sb[m.source], tb[m.target])] += 1
+    known_blocks = [(block_of(s_module, s_cont), block_of(t_module, t_cont)) for s_module, t_module in set(known)]
+    for pair in known_blocks:
+        votes[pair] += 1
+    forward, back = _best_votes(votes, 0), _best_votes(votes, 1)
+    refused: dict[int, str] = {}
+    root: dict[tuple[int, str], tuple[int, str]] = {}  # union-find over (side, block): corresponding blocks
+
+    def find(x: tuple[int, str]) -> tuple[int, str]:
+        while root.setdefault(x, x) != x:
+            root[x] = x = root[root[x]]
+        return x
+
+    for cs, ct in known_blocks:
+        if ct in forward[cs] or cs in back[ct]:
+            root[find((0, cs))] = find((1, ct))
+    for m in matches:
+        if m.source is None:
+            continue
+        cs, ct = sb[m.source], tb[m.target]
+        if ct in forward[cs] or cs in back[ct]:
+            root[find((0, cs))] = find((1, ct))
+        else:
+            refused[m.target] = (f"resembles source module {source[m.source].name or '(root)'}, but its block "
+                                 f"{cs or '(root)'} corresponds to {', '.join(sorted(forward[cs])) or '(root)'}, "
+                                 f"not {ct or '(root)'}: not loaded")
+    given = {m.target: m.source for m in matches if m.source is not None and m.target not in refused}
+    open_ = {m.target: set(m.candidates) for m in matches if m.source is None and m.candidates}
+    settled: dict[int, int] = {}
+    parts: dict[tuple[int, str], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for i, b in enumerate(sb):
+        if (0, b) in root:
+            parts[find((0, b))][0].append(i)
+    for j, b in enumerate(tb):
+        if (1, b) in root:
+            parts[find((1, b))][1].append(j)
+    for s_local, t_local in parts.values():
+        if not s_local or not t_local:
+            continue
+        local = align([source[i] for i in s_local], [target[j] for j in t_local], cut_at_anchors=cut_at_anchors)
+        for lm in local:
+            j = t_local[lm.target]
+            if j in open_ and lm.source is not None and s_local[lm.source] in open_[j]:
+                settled[j] = s_local[lm.source]
+            elif j in given and (lm.source is None or s_local[lm.source] != given[j]):
+                others = [source[s_local[i]].name for i in lm.candidates] if lm.source is None else \
+                    [source[s_local[lm.source]].name]
+                others = list(dict.fromkeys([source[given[j]].name, *others]))
+                refused[j] = (f"within block {tb[j] or '(root)'}, fits source modules {', '.join(others)} equally "
+                              "well (the file's order of a block's modules need not be the order they run in); "
+                              "give the source model to align both in execution order, or add a rename rule")
+    return refused, settled
+
+
+def _best_votes(votes: Mapping[tuple[str, str], int], side: int) -> dict[str, set[str]]:
+    """Block -> the blocks of the other side that most of its pairs land in (all of them when tied)."""
+    most: dict[str, int] = defaultdict(int)
+    best: dict[str, set[str]] = defaultdict(set)
+    for pair, n in votes.items():
+        mine, other = pair[side], pair[1 - side]
+        if n > most[mine]:
+            most[mine], best[mine] = n, {other}
+        elif n == most[mine]:
+            best[mine].add(other)
+    return best
 
 
 # --------------------------------------------------------------------------------------------------------------
