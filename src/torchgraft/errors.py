@@ -8,6 +8,7 @@ __all__ = [
     "UnsafePickleError",
     "IntegrityError",
     "SpecError",
+    "UsageError",
 ]
 
 
@@ -38,3 +39,8 @@ class IntegrityError(CheckpointError):
 
 class SpecError(GraftError):
     """A model spec could not be resolved into a model."""
+
+
+class UsageError(GraftError):
+    """The command line (or a config file standing for it) asks for something impossible: a value out of range,
+    a flag without the flag it needs. The CLI exits 2 for it, as for any other usage error."""

@@ -18,7 +18,8 @@ from torchgraft.match.names import is_benign
 from torchgraft.numeric import check_tensor, describe_problems
 from torchgraft.summary import collapse_indices
 
-__all__ = ["Entry", "Report", "STATUSES", "LOW_OVERLAP", "check_finite", "check_new", "sources_of"]
+__all__ = ["Entry", "Report", "STATUSES", "LOW_OVERLAP", "check_finite", "check_loads_something", "check_new",
+           "sources_of"]
 
 #: A report entry's status: the source tensor as it is, the output of a named adapter, or the model's own value.
 STATUSES = ("loaded", "adapted", "new")
@@ -59,6 +60,15 @@ def check_new(items: Sequence[Any], allow_new: Sequence[str], new: str) -> None:
             "or adapted. Nothing was written. Add a rule for them, or allow them with --allow-new PATTERN "
             "(e.g. --allow-new 'fc.*' for a new head)."
         )
+
+
+def check_loads_something(items: Sequence[Any], source: str, target: str) -> None:
+    """Raise unless some item (entry or plan step) loads or adapts a tensor beyond benign buffers such as
+    `num_batches_tracked`: writing the output would write a freshly initialised model."""
+    if all(_status(e) == "new" or is_benign(e.target) for e in items):
+        raise GraftError(f"nothing to load: no tensor of {source} fits {target} ({len(items)} target tensors would "
+                         "stay new); expected weights of this model or a relative. Nothing was written. Compare them "
+                         "with `graft diff`, or pass --allow-empty to write the model as initialised.")
 
 
 def check_finite(problems: Sequence[dict[str, Any]]) -> None:

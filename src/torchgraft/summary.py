@@ -50,11 +50,14 @@ def describe_model(model: nn.Module, spec: str) -> dict[str, Any]:
     modules = []
     for name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
+        every = list(module.parameters())
         modules.append({
             "name": name,
             "type": type(module).__name__,
             "params": sum(p.numel() for _, p in own),
             "trainable": sum(p.numel() for _, p in own if p.requires_grad),
+            "total_params": sum(p.numel() for p in every),  # its own and its submodules'
+            "total_trainable": sum(p.numel() for p in every if p.requires_grad),
             "training": module.training,
         })
     return {
@@ -163,11 +166,15 @@ def diff(a: Source, b: Source) -> Diff:
 def _notes(a: Source, b: Source, d: Diff) -> list[str]:
     notes = []
     if d.num_common:  # benign extras only mean something when the two otherwise share names
-        for side, keys, other in (("A", d.only_in_a, "B"), ("B", d.only_in_b, "A")):
+        for side, keys, other, other_info in (("A", d.only_in_a, "B", b.info), ("B", d.only_in_b, "A", a.info)):
+            # ... and only for modules the other side has (an old file's BatchNorm), not for whole extra blocks
+            other_modules = {k.rpartition(".")[0] for k in other_info}
             for suffix, benign in BENIGN_TENSORS.items():
-                hits = [k for k in keys if k.rsplit(".", 1)[-1] == suffix]
+                hits = [k for k in keys if k.rsplit(".", 1)[-1] == suffix and k.rpartition(".")[0] in other_modules]
                 if hits:
-                    notes.append(f"{len(hits)} keys only in {side} are {benign.history} (absent from {other}).")
+                    verb = "is one of the" if len(hits) == 1 else "are"
+                    notes.append(f"{_count(len(hits), 'key')} only in {side} {verb} {benign.history} (absent from "
+                                 f"{other}).")
     by_module: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
     for m in d.shape_mismatch:
         by_module.setdefault(m["key"].rpartition(".")[0] or m["key"], []).append(m)
@@ -183,7 +190,7 @@ def _notes(a: Source, b: Source, d: Diff) -> list[str]:
     if d.dtype_mismatch:
         pairs = Counter((m["a"], m["b"]) for m in d.dtype_mismatch)
         text = ", ".join(f"{n} x {x}->{y}" for (x, y), n in pairs.items())
-        notes.append(f"{len(d.dtype_mismatch)} tensors differ only in dtype ({text}); values cast on load.")
+        notes.append(f"{_count(len(d.dtype_mismatch), 'tensor')} differ{'s' if len(d.dtype_mismatch) == 1 else ''} only in dtype ({text}); values cast on load.")
     notes.extend(_prefix_notes(d))
     if d.num_common == 0 and a.info and b.info:
         shapes_a = [t.shape for t in a.info.values()]
@@ -206,9 +213,14 @@ def _prefix_notes(d: Diff) -> list[str]:
         for head, count in heads.most_common(3):
             matched = sum(1 for k in mine if k.startswith(head + ".") and k[len(head) + 1:] in theirs)
             if matched >= max(2, count // 2):
-                notes.append(f"{matched} keys only in {side} match the other side once their prefix `{head}.` is "
+                notes.append(f"{_count(matched, 'key')} only in {side} match the other side once their prefix `{head}.` is "
                              "removed; `graft transfer` normalises such prefixes.")
     return notes
+
+
+def _count(n: int, noun: str) -> str:
+    """`1 key`, `2 keys`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _jsonable(value: Any, depth: int = 0) -> Any:

@@ -29,7 +29,7 @@ from torchgraft.io.read import Source
 from torchgraft.match.names import is_benign
 from torchgraft.match.plan import DTYPES, Plan, Step, as_source, dtype_name
 from torchgraft.match.plan import plan as make_plan
-from torchgraft.report import Entry, Report, sources_of
+from torchgraft.report import Entry, Report, check_loads_something, sources_of
 from torchgraft.verify import verify
 
 __all__ = ["Entry", "Report", "Plan", "apply", "transfer", "build_target", "save_state", "meta_blockers",
@@ -74,6 +74,10 @@ def apply(plan: Plan, source: Source | Mapping[str, torch.Tensor] | str | os.Pat
         if s.target not in state:
             raise GraftError(f"{s.target}: the plan names a tensor the model does not have; the plan does not fit "
                              "this model. Re-run `graft plan`.")
+        lacking = [name for name in sources_of(s.source) if name not in src.info]
+        if lacking:
+            raise GraftError(f"{s.target}: the plan takes source tensor {lacking[0]!r}, which {src.path} does not "
+                             "hold; the plan does not fit this checkpoint. Nothing was changed. Re-run `graft plan`.")
     if any(t.is_meta for t in state.values()):
         _materialise_new(model, report.entries, state)
         state = model.state_dict(keep_vars=True)
@@ -184,7 +188,7 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
              strict: bool = False, allow_new: Sequence[str] = (), source_classes: Sequence[str] | None = None,
              target_classes: Sequence[str] | None = None, dtype: str | torch.dtype | None = None,
              source_model: str | nn.Module | None = "auto", source_model_kwargs: str | dict | None = None,
-             input_shape: Sequence[int] | None = None, trace: bool = True,
+             input_shape: Sequence[int] | None = None, trace: bool = True, allow_empty: bool = True,
              metadata: dict[str, str] | None = None,
              progress: Callable[[int, int], None] | None = None,
              write_progress: Callable[[int, int], None] | None = None) -> Report:
@@ -222,6 +226,8 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
             do not.
         input_shape: the input for tracing, e.g. (1, 3, 224, 224); by default read from the models' metadata.
         trace: False aligns in registration order, without the forward pass that finds execution order.
+        allow_empty: False refuses to write `out` (raises before writing) when the plan loads or adapts no tensor
+            beyond benign buffers such as `num_batches_tracked`: the output would be a freshly initialised model.
         progress, write_progress: called as `progress(bytes_done, total_bytes)` as tensors are placed and
             written.
     """
@@ -254,6 +260,8 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
         plan.check_fits(src, model)
     if strict:
         plan.check_strict(allow_new, source=src)
+    if out is not None and not allow_empty:
+        check_loads_something(plan.steps, src.path, type(model).__name__)
     if on_meta:
         blockers = meta_blockers(model, plan)
         if blockers:

@@ -27,8 +27,8 @@ def run_json(capsys, *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 1, proc.stderr
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 1) -> None:
+    assert proc.returncode == code, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ")
@@ -177,7 +177,7 @@ def test_truncated_and_bit_flipped_real_file(tmp_path, mobilenet_v2_path):
 def test_unknown_spec_and_bad_kwargs():
     assert_one_line_error(graft("inspect", "--model", "torchvision:resnet_nope"), "resnet_nope", "resnet")
     assert_one_line_error(graft("inspect", "--model", "torchvision:resnet18", "--model-kwargs", "{num"),
-                          "--model-kwargs", "JSON")
+                          "--model-kwargs", "JSON", code=2)  # a usage error, as in every other command
     assert_one_line_error(graft("diff", "timm:not_a_model", "torchvision:resnet18"), "not_a_model")
 
 
@@ -250,7 +250,7 @@ def test_inspect_freeze_errors_are_one_line():
                           "freeze pattern 'layr4.*' matches no parameter or module; closest: layer4, layer4.0, "
                           "layer4.1.", "Nothing was changed")
     assert_one_line_error(graft("inspect", "--model", "torchvision:resnet18", "--unfreeze", "fc", "--train-bn"),
-                          "--train-bn", "needs --freeze")
+                          "--train-bn", "needs --freeze", code=2)
 
 
 def test_inspect_freeze_flags_need_a_model(capsys, mobilenet_v2_path):

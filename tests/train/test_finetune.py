@@ -46,7 +46,7 @@ def test_finetune_writes_the_run_folder(capsys, tmp_path, mobilenet_v2_path, dig
                  "confusion.png"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]  # numbered from 1, as on the console
     assert [r["phase"] for r in rows] == ["head", "all"]
     assert all({"epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"} <= set(r) for r in rows)
     assert (out / "classes.txt").read_text().split() == [str(i) for i in range(10)]
@@ -108,7 +108,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, mobilenet_v2_p
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     best_a = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])
     assert abs(rows[-1]["val_acc"] - best_a["val_acc"]) < 1e-9
@@ -145,9 +145,9 @@ def test_bad_input(capsys, tmp_path, mobilenet_v2_path, digits):
     assert "not a folder" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(tmp_path / "nope")]) == 1
     assert "no config.yaml" in capsys.readouterr().err
-    assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "o", "--epochs", "0")) == 1
+    assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "o", "--epochs", "0")) == 2  # usage
     assert "`--epochs 0` must be at least 1" in capsys.readouterr().err
-    assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "o", "--unfreeze-at", "layer4")) == 1
+    assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "o", "--unfreeze-at", "layer4")) == 2
     assert "EPOCH:PATTERN" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -164,7 +164,7 @@ def test_two_processes_with_torchrun(tmp_path, mobilenet_v2_path, digits):
     assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "one", *args)) == 0
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in ddp] == [0, 1, 2]  # written once, by rank 0
+    assert [r["epoch"] for r in ddp] == [1, 2, 3]  # written once, by rank 0
     assert proc.stdout.count("run summary") == 1  # rank 0 reports
     assert ddp[-1]["val_acc"] > 0.3 and abs(ddp[-1]["val_acc"] - one[-1]["val_acc"]) < 0.2, (ddp, one)
     state = load_file(tmp_path / "ddp" / "model.safetensors")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from torchgraft.train.digits import write_digits
 
@@ -55,8 +54,8 @@ def run_and_maybe_kill(args: list[str], delay: float) -> bool:
 
 def check_run_folder(out: Path) -> int:
     """What a killed run left must be whole: last.ckpt loads, metrics.jsonl rows parse, in epoch order.
-    Returns the epochs finished according to last.ckpt (-1 when there is none)."""
-    done = -1
+    Returns the epochs finished according to last.ckpt (0 when there is none); epochs count from 1."""
+    done = 0
     ckpt = out / "last.ckpt"
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)  # never half written: atomic rename
@@ -64,9 +63,9 @@ def check_run_folder(out: Path) -> int:
     metrics = out / "metrics.jsonl"
     if metrics.exists():
         epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines() if line.strip()]
-        assert epochs == list(range(len(epochs))), epochs
-        assert len(epochs) >= done + 1  # the row is appended before the checkpoint: at most one row ahead
-        assert len(epochs) <= done + 2
+        assert epochs == list(range(1, len(epochs) + 1)), epochs
+        assert len(epochs) >= done  # the row is appended before the checkpoint: at most one row ahead
+        assert len(epochs) <= done + 1
     return done
 
 
@@ -95,9 +94,9 @@ def test_sigkill_at_random_points_then_resume(tmp_path, mobilenet_v2_path, digit
         proc = graft(*args)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
-    assert check_run_folder(out) == EPOCHS - 1
+    assert check_run_folder(out) == EPOCHS
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == list(range(EPOCHS))  # each epoch exactly once
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))  # each epoch exactly once
     assert not list(out.glob(".*.tmp")), list(out.glob(".*.tmp"))
     for name in ("model.safetensors", "curves.png", "confusion.png", "config.yaml", "classes.txt"):
         assert (out / name).is_file(), name
@@ -109,27 +108,24 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     proc = graft(*start_args(mobilenet_v2_path, digits, out))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    # continue the finished run for more epochs with an absurd learning rate: the loss becomes NaN in epoch 3
-    config = yaml.safe_load((out / "config.yaml").read_text())
-    config.update(epochs=EPOCHS + 2)
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    # continue the finished run for more epochs with an absurd learning rate: the loss becomes NaN in epoch 4
     state = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
     for group in state["optimizer"]["param_groups"]:
         group["lr"] = group["initial_lr"] = 1e30
     torch.save(state, out / "last.ckpt")
     before = hashlib.sha256((out / "last.ckpt").read_bytes()).hexdigest()
     best = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
-    proc = graft("finetune", "--resume", out)
+    proc = graft("finetune", "--resume", out, "--epochs", EPOCHS + 2)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), err[-2000:]
-    assert f"at epoch {EPOCHS} step " in lines[0] and ("nan" in lines[0] or "inf" in lines[0]), lines[0]
+    assert f"at epoch {EPOCHS + 1} step " in lines[0] and ("nan" in lines[0] or "inf" in lines[0]), lines[0]
     assert hashlib.sha256((out / "last.ckpt").read_bytes()).hexdigest() == before
     assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == best
-    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == EPOCHS - 1
+    assert torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == EPOCHS
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(EPOCHS))
+    assert epochs == list(range(1, EPOCHS + 1))
     assert not list(out.glob(".*.tmp"))
 
 
@@ -142,7 +138,7 @@ def test_nan_in_the_weights_fails_in_the_first_step(tmp_path, mobilenet_v2_path,
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "at epoch 0 step 0" in errors[0], err[-2000:]
+    assert len(errors) == 1 and "at epoch 1 step 1" in errors[0], err[-2000:]
     assert err.rstrip().splitlines()[-1] == errors[0]
     # the transfer report's numeric warning named the damaged tensor before training started
     assert "features.0.0.weight: 1 NaN values" in out + err

@@ -23,7 +23,7 @@ def test_a_nan_loss_stops_a_linear_probe_on_cached_features(tmp_path, mobilenet_
     config = FinetuneConfig(model="torchvision:mobilenet_v2", weights=str(weights), data=str(digits), out=str(out),
                             image_size=32, batch_size=16, workers=0, epochs=1, linear_probe=True)
     assert config.feature_cache
-    with pytest.raises(GraftError, match=r"the training loss became nan at epoch 0 step 0; stopping\. The last good "
+    with pytest.raises(GraftError, match=r"the training loss became nan at epoch 1 step 1; stopping\. The last good "
                        r"checkpoint is kept; lower --lr and resume or start again\."):
         finetune(config)
     assert not (out / "last.ckpt").exists() and not (out / "model.safetensors").exists()

@@ -3,6 +3,7 @@ the freezing flags with their trainable-summary table."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -11,13 +12,36 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from torchgraft.errors import GraftError
+from torchgraft.errors import GraftError, UsageError
 from torchgraft.io.read import Source, load
-from torchgraft.specs import build_model, is_model_spec
+from torchgraft.specs import build_model, is_model_spec, parse_kwargs
 from torchgraft.summary import collapse_indices, source_from_model
 
 # Piped output gets 120 columns rather than rich's 80, so report tables stay readable in logs.
 console = Console(highlight=False, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120)
+#: Warnings go to stderr, so that stdout stays the report (and `--json` stays JSON).
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() or "COLUMNS" in os.environ
+                      else 120)
+
+
+class Parsed:
+    """A named argument type: --help shows its name, and its GraftError becomes a usage error of the flag."""
+
+    def __init__(self, name: str, parse) -> None:
+        self.name, self.parse = name, parse
+
+    def __call__(self, text: str):
+        try:
+            return self.parse(text)
+        except GraftError as exc:  # argparse reports it as a usage error of this flag (exit 2)
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: `--model-kwargs` and its kin: checked when the command line is parsed, so bad JSON is a usage error.
+JSON_OBJECT = Parsed("JSON object", parse_kwargs)
 
 
 def open_source(text: str, *, model_kwargs: str | None = None, verify: bool = True, key: str | None = None) -> Source:
@@ -38,7 +62,7 @@ def add_hash_check_argument(p) -> None:
 def hash_check(no_hash_check: bool, no_verify: bool) -> bool:
     """Whether to check a hub-named file's sha256; warns once for the deprecated --no-verify."""
     if no_verify:
-        console.print("[yellow]warning:[/] --no-verify is deprecated (it reads like --verify, which compares "
+        err_console.print("[yellow]warning:[/] --no-verify is deprecated (it reads like --verify, which compares "
                       "outputs); use --no-hash-check", soft_wrap=True)
     return not (no_hash_check or no_verify)
 
@@ -78,7 +102,7 @@ def apply_freeze_arguments(model, *, freeze: list[str] | None, unfreeze: list[st
     from torchgraft.freeze import unfreeze as unfreeze_params
 
     if train_bn and freeze is None:
-        raise GraftError("--train-bn keeps normalization layers trainable while --freeze freezes the rest; it "
+        raise UsageError("--train-bn keeps normalization layers trainable while --freeze freezes the rest; it "
                          "needs --freeze (e.g. `--freeze --train-bn`). Nothing was changed.")
     if freeze is not None:
         freeze_params(model, *freeze, train_bn=train_bn)

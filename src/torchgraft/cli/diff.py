@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from torchgraft.cli.common import add_hash_check_argument, console, hash_check, open_source, print_json
+from torchgraft.cli.common import JSON_OBJECT, add_hash_check_argument, console, hash_check, open_source, print_json
 from torchgraft.summary import Diff, collapse_indices, diff
 
 DESCRIPTION = """Compare the tensors of two checkpoints or models, key by key.
@@ -25,8 +25,8 @@ def parser():
     p = new_parser(DESCRIPTION)
     p.add_argument("a", help="checkpoint path or model spec")
     p.add_argument("b", help="checkpoint path or model spec")
-    p.add_argument("--a-kwargs", default=None, metavar="JSON", help="JSON kwargs for A when it is a model spec")
-    p.add_argument("--b-kwargs", default=None, metavar="JSON", help="JSON kwargs for B when it is a model spec")
+    p.add_argument("--a-kwargs", default=None, type=JSON_OBJECT, metavar="JSON", help="JSON kwargs for A when it is a model spec")
+    p.add_argument("--b-kwargs", default=None, type=JSON_OBJECT, metavar="JSON", help="JSON kwargs for B when it is a model spec")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     add_hash_check_argument(p)
     return p

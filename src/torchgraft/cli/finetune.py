@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect as pyinspect
+import json
 import os
 import typing
 from dataclasses import MISSING, fields
@@ -14,8 +15,8 @@ from jsonargparse import ActionConfigFile
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from torchgraft.cli.common import console, print_json
-from torchgraft.errors import GraftError
+from torchgraft.cli.common import JSON_OBJECT, Parsed, console, print_json
+from torchgraft.errors import GraftError, UsageError
 from torchgraft.train.config import FinetuneConfig
 
 FINETUNE_DESCRIPTION = """Fine-tune a pretrained model on an image folder, in one command.
@@ -52,34 +53,30 @@ def _field_docs() -> dict[str, str]:
     return docs
 
 
-class _Parsed:
-    """A named argument type, so that --help shows its name instead of a function's address."""
-
-    def __init__(self, name: str, parse) -> None:
-        self.name, self.parse = name, parse
-
-    def __call__(self, text: str):
+def _lr_mult(value) -> dict[str, float]:
+    """One --lr-mult value: PATTERN=FACTOR (`'layer4.*=0.5'`) or a JSON object (`'{"layer4.*": 0.5}'`), as a dict.
+    A dict is checked and returned as it is (jsonargparse may apply the type again to a parsed value)."""
+    given = value
+    if isinstance(value, str) and not value.lstrip().startswith("{"):
+        pattern, sep, factor = value.rpartition("=")
+        value = {pattern: factor} if sep and pattern else None
+    elif isinstance(value, str):
         try:
-            return self.parse(text)
-        except GraftError as exc:  # argparse reports it as a usage error of this flag
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-def _kv(text: str) -> tuple[str, float]:
-    pattern, sep, value = text.rpartition("=")
-    try:
-        return pattern, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected PATTERN=FACTOR such as 'layer4.*=0.5', got {text!r}") from None
-
-
-def _json_object(text: str) -> dict:
-    from torchgraft.specs import parse_kwargs
-
-    return parse_kwargs(text)
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    if not isinstance(value, dict):
+        raise GraftError(f"--lr-mult {given!r}: expected PATTERN=FACTOR such as 'layer4.*=0.5', or a JSON object such "
+                         "as '{\"layer4.*\": 0.5}'.")
+    out = {}
+    for pattern, factor in value.items():
+        try:
+            out[str(pattern)] = float(factor)
+        except (TypeError, ValueError):
+            raise GraftError(f"--lr-mult {pattern}={factor}: the factor must be a number, such as 0.5.") from None
+        if not out[str(pattern)] > 0:
+            raise GraftError(f"--lr-mult {pattern}={factor}: the factor must be positive, such as 0.5.")
+    return out
 
 
 def finetune_parser():
@@ -87,46 +84,79 @@ def finetune_parser():
 
     p = new_parser(FINETUNE_DESCRIPTION)
     p.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR with its saved configuration (--epochs N runs it longer)")
+    p.add_argument("--verbose", action="store_true", help="show the transfer's table of every tensor, not a summary")
     docs = _field_docs()
     hints = typing.get_type_hints(FinetuneConfig)
+    # Every flag defaults to None, "not given", so that --resume knows what the user asked to change; the help
+    # shows FinetuneConfig's default, which a flag not given takes.
     for f in fields(FinetuneConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = docs.get(f.name, "") + _shown_default(f.name)
         hint = hints[f.name]
         if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "model_kwargs":
-            p.add_argument(flag, type=_Parsed("JSON object", _json_object), default=default, metavar="JSON",
-                           help=help_text)
+            p.add_argument(flag, type=JSON_OBJECT, default=None, metavar="JSON", help=help_text)
         elif f.name == "lr_mult":
-            p.add_argument(flag, type=_Parsed("PATTERN=FACTOR", _kv), nargs="*", default=[], metavar="PATTERN=X",
-                           help=help_text)
+            p.add_argument(flag, type=Parsed("PATTERN=FACTOR", _lr_mult), nargs="*", default=None,
+                           metavar="PATTERN=X", help=help_text)
         elif typing.get_origin(hint) is list:
-            p.add_argument(flag, nargs="*", default=default, metavar="PATTERN", help=help_text)
+            p.add_argument(flag, nargs="*", default=None, metavar=_METAVARS.get(f.name, "PATTERN"), help=help_text)
         else:
             base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-            p.add_argument(flag, type=base, default=default, help=help_text)
+            metavar = _METAVARS.get(f.name) or ("N" if base is int else "X" if base is float else f.name.upper())
+            p.add_argument(flag, type=base, default=None, metavar=metavar, help=help_text)
     return p
+
+
+_METAVARS = {"model": "SPEC", "weights": "FILE", "data": "DIR", "out": "RUN_DIR", "unfreeze_at": "EPOCH:PATTERN"}
+
+
+def _default(name: str):
+    f = FinetuneConfig.__dataclass_fields__[name]
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _shown_default(name: str) -> str:
+    """` (default: 5)`, `(default: on)`; nothing for a default that is unset or whose meaning the help says."""
+    value = _default(name)
+    if name in ("model", "weights", "data", "out"):
+        return " (required, unless --resume or --config gives it)"
+    if value in (None, "", [], {}, False):
+        return ""
+    return f" (default: {'on' if value is True else value})"
 
 
 class _RichReporter:
     """Progress bars per epoch with ETA and running loss/accuracy; the transfer report first."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: str, verbose: bool = False) -> None:
+        self.out, self.verbose = out, verbose
         self.progress: Progress | None = None
         self.task = None
 
     def transfer(self, report) -> None:
-        from torchgraft.cli.transfer import render
+        from torchgraft.cli.transfer import render, render_summary
 
-        console.rule("[bold]weights[/]")
-        render(report)
+        if self.verbose:
+            console.rule("[bold]weights[/]")
+            render(report)
+        else:
+            render_summary(report, more="--verbose")
+
+    def resumed(self, finished: int, epochs: int) -> None:
+        if finished >= epochs:
+            console.print(f"{self.out} has finished its {finished} epochs; nothing to train. Run it longer with "
+                          f"`graft finetune --resume {self.out} --epochs {finished + 5}`.", soft_wrap=True)
+        else:
+            console.print(f"resuming {self.out} from epoch {finished + 1} of {epochs} (epochs 1-{finished} kept)",
+                          soft_wrap=True)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, phase: str) -> None:
         self.progress = Progress(
-            TextColumn(f"epoch {epoch + 1}/{epochs} [dim]({phase})[/]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(f"epoch {epoch}/{epochs} [dim]({phase})[/]"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
         self.progress.start()
@@ -143,17 +173,21 @@ class _RichReporter:
                       f"({row['seconds']:.1f} s)")
 
 
-def run_finetune(config=None, resume=None, **options) -> int:
+#: What `--resume` may change: how long the run goes, and where it runs. Everything else is the saved run's.
+RESUME_OVERRIDES = ("epochs", "workers", "device")
+
+
+def run_finetune(config=None, resume=None, verbose=False, **options) -> int:
     from torchgraft.train.loop import finetune, read_config
 
     options.pop("__path__", None)
+    given = {k: v for k, v in options.items() if v is not None}  # what the command line or --config set
+    if given.get("lr_mult") is not None:
+        given["lr_mult"] = {k: v for item in given["lr_mult"] for k, v in _lr_mult(item).items()}
     if resume is not None:
-        cfg = read_config(resume)
-        if Path(cfg.out).resolve() != Path(resume).resolve():
-            cfg.out = str(resume)
+        cfg = _resumed_config(read_config(resume), resume, given)
     else:
-        options["lr_mult"] = dict(options.get("lr_mult") or [])
-        cfg = FinetuneConfig(**options)
+        cfg = FinetuneConfig(**given)
         out = Path(cfg.out)
         if (out / "last.ckpt").exists():
             raise GraftError(f"{out} already holds a run (last.ckpt); continue it with `graft finetune --resume {out}` "
@@ -161,10 +195,56 @@ def run_finetune(config=None, resume=None, **options) -> int:
         for given in (cfg.weights, cfg.data):
             if Path(given).exists() and Path(given).resolve() == out.resolve():
                 raise GraftError(f"--out {out} is also an input; choose another folder so the input is kept.")
-    result = finetune(cfg, _RichReporter(), resume=resume is not None)
+        data = Path(cfg.data).resolve()
+        if data in out.resolve().parents:
+            raise GraftError(f"--out {out} is inside --data {cfg.data}: the run's files would be read as images of "
+                             "a class in the next run; choose a folder outside the data.")
+    try:
+        result = finetune(cfg, _RichReporter(cfg.out, verbose), resume=resume is not None)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted(Path(cfg.out))) from None
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, the first process reports
         _summary(result)
     return 0
+
+
+def _resumed_config(cfg: FinetuneConfig, resume: str, given: dict) -> FinetuneConfig:
+    """The saved run's configuration, with the few flags `--resume` may change; any other flag is refused (it
+    would silently not apply)."""
+    refused = [f"--{k.replace('_', '-')}" for k in given if k not in RESUME_OVERRIDES]
+    if refused:
+        raise UsageError(f"--resume {resume} continues the run with its saved configuration, so {', '.join(refused)} "
+                         f"cannot change; only {', '.join('--' + k for k in RESUME_OVERRIDES)} can. Start a new run "
+                         "with --out for other settings.")
+    cfg.out = str(resume)
+    if "epochs" in given:
+        from torchgraft.train.loop import finished_epochs
+
+        done = finished_epochs(resume)
+        if given["epochs"] < done:
+            raise UsageError(f"--epochs {given['epochs']}: {resume} has already finished {done} epochs; expected "
+                             f"--epochs {done} or more.")
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    cfg.__post_init__()
+    return cfg
+
+
+def _interrupted(out: Path) -> str:
+    """What an interrupted run kept, and how to continue it."""
+    from torchgraft.train.loop import finished_epochs
+
+    try:
+        done = finished_epochs(out)
+    except GraftError:
+        done = 0
+    if done:
+        return (f"interrupted in epoch {done + 1}; kept epochs 1-{done} in {out} (last.ckpt, metrics.jsonl, and the "
+                f"best model so far in model.safetensors); continue with `graft finetune --resume {out}`.")
+    if (out / "config.yaml").exists():
+        return (f"interrupted before the first epoch finished; {out} holds only the run's configuration; "
+                f"`graft finetune --resume {out}` starts it again.")
+    return "interrupted before the run folder was written; nothing was written."
 
 
 def _summary(result) -> None:
@@ -173,12 +253,12 @@ def _summary(result) -> None:
         table.add_column(col, justify="right")
     for r in result.rows:
         mark = " *" if r["epoch"] == result.best_epoch else ""
-        table.add_row(str(r["epoch"] + 1), r["phase"], f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}",
+        table.add_row(str(r["epoch"]), r["phase"], f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}",
                       f"{r['val_loss']:.4f}", f"{r['val_acc']:.4f}{mark}", f"{r['lr']:.2e}", f"{r['seconds']:.1f}")
     console.print(table)
     from torchgraft.train.loop import FILES
 
-    console.print(f"best val acc [bold green]{result.best_val_acc:.4f}[/] at epoch {result.best_epoch + 1}; files in "
+    console.print(f"best val acc [bold green]{result.best_val_acc:.4f}[/] at epoch {result.best_epoch} (* above); files in "
                   f"[bold]{result.out}[/]: {', '.join(FILES)}")
 
 
@@ -204,7 +284,7 @@ Examples:
 
 def _model_args(p) -> None:
     p.add_argument("--model", required=True, metavar="SPEC", help="the model spec the weights were trained with")
-    p.add_argument("--model-kwargs", default=None, metavar="JSON", help="JSON object passed to the model factory")
+    p.add_argument("--model-kwargs", default=None, type=JSON_OBJECT, metavar="JSON", help="JSON object passed to the model factory")
     p.add_argument("--weights", required=True, metavar="FILE", help="fine-tuned weights (e.g. RUN/model.safetensors)")
     p.add_argument("--classes", default=None, metavar="FILE", help="class names, one per line (default: classes.txt "
                    "beside the weights)")
@@ -253,6 +333,8 @@ def run_evaluate(model, model_kwargs, weights, classes, image_size, batch_size, 
 def run_predict(model, model_kwargs, weights, classes, image_size, batch_size, json, images, topk) -> int:
     from torchgraft.train.infer import predict
 
+    if topk < 1:
+        raise UsageError(f"--topk {topk}: expected 1 or more classes per image.")
     result = predict(model, model_kwargs, weights, images, classes_file=classes, image_size=image_size, topk=topk,
                      batch_size=batch_size)
     if json:

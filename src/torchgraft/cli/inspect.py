@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from torchgraft.cli.common import (add_freeze_arguments, add_hash_check_argument, apply_freeze_arguments, console,
+from torchgraft.cli.common import (JSON_OBJECT, add_freeze_arguments, add_hash_check_argument, apply_freeze_arguments, console,
                                    hash_check, human, print_json, render_trainable)
-from torchgraft.errors import GraftError
+from torchgraft.errors import UsageError
 from torchgraft.freeze import trainable_summary
 from torchgraft.io.read import Source, load
 from torchgraft.numeric import scan
@@ -38,7 +38,7 @@ def parser():
     p = new_parser(DESCRIPTION)
     p.add_argument("source", nargs="?", default=None, help="checkpoint file or folder")
     p.add_argument("--model", default=None, metavar="SPEC", help="inspect a model spec instead of a checkpoint")
-    p.add_argument("--model-kwargs", default=None, metavar="JSON", help="JSON object passed to the model factory")
+    p.add_argument("--model-kwargs", default=None, type=JSON_OBJECT, metavar="JSON", help="JSON object passed to the model factory")
     p.add_argument("--key", default=None, help="take the weights from this entry of a training checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--all", action="store_true", help="list every tensor instead of collapsing layer indices")
@@ -51,10 +51,10 @@ def run(source: str | None, model: str | None, model_kwargs: str | None, key: st
         all: bool, no_hash_check: bool = False, no_verify: bool = False, freeze: list[str] | None = None,
         unfreeze: list[str] | None = None, train_bn: bool = False) -> int:
     if (source is None) == (model is None):
-        raise GraftError("graft inspect takes a checkpoint path or --model SPEC (exactly one); "
+        raise UsageError("graft inspect takes a checkpoint path or --model SPEC (exactly one); "
                          "e.g. `graft inspect weights.pth` or `graft inspect --model torchvision:resnet18`.")
     if source is not None and (freeze is not None or unfreeze is not None or train_bn):
-        raise GraftError("--freeze, --unfreeze and --train-bn apply to a model, not a checkpoint file (it has no "
+        raise UsageError("--freeze, --unfreeze and --train-bn apply to a model, not a checkpoint file (it has no "
                          f"trainable flags); e.g. `graft inspect --model SPEC --freeze ...`. {source} was not read.")
     if model is not None:
         built = build_model(model, model_kwargs)
@@ -141,13 +141,11 @@ def _render_model(report: dict) -> None:
     for col, just in (("module", "left"), ("type", "left"), ("parameters", "right"), ("trainable", "right")):
         table.add_column(col, justify=just)
     modules = report["modules"]
-    # A trailing dot lets the last name component count as an index position (`features.3.` -> `features.{}.`).
-    for label, members in collapse_indices([(m["name"] or "(root)") + "." for m in modules]):
-        by_type: dict[str, list[dict]] = {}
-        for i in members:
-            by_type.setdefault(modules[i]["type"], []).append(modules[i])
-        for type_name, group in by_type.items():
-            count = f"  [dim]x{len(group)}[/]" if len(group) > 1 else ""
-            table.add_row(label[:-1] + count, type_name, f"{sum(g['params'] for g in group):,}",
-                          f"{sum(g['trainable'] for g in group):,}")
+    # Parameters count a module's submodules too (a container's total). Rows collapse layer indices among modules
+    # of one type only (`Type|` keeps types apart); a trailing dot lets the last component count as an index.
+    for label, members in collapse_indices([f"{m['type']}|{m['name'] or '(root)'}." for m in modules]):
+        group = [modules[i] for i in members]
+        count = f"  [dim]x{len(group)}[/]" if len(group) > 1 else ""
+        table.add_row(label.partition("|")[2][:-1] + count, group[0]["type"],
+                      f"{sum(g['total_params'] for g in group):,}", f"{sum(g['total_trainable'] for g in group):,}")
     console.print(table)

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import json as jsonlib
 import logging
+import os
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from torchgraft.classes import read_class_names
-from torchgraft.cli.common import add_hash_check_argument, console, hash_check, print_json
-from torchgraft.errors import GraftError
+from torchgraft.cli.common import JSON_OBJECT, add_hash_check_argument, console, err_console, hash_check, print_json
+from torchgraft.errors import GraftError, UsageError
 from torchgraft.io.read import load
-from torchgraft.io.write import atomic_write, refuse_same_path
+from torchgraft.io.write import atomic_write, refuse_same_path, save_pretrained_folder
 from torchgraft.summary import collapse_indices
 from torchgraft.match.plan import DTYPES, Plan, plan
-from torchgraft.report import Report
-from torchgraft.transfer import build_target, save_state, transfer
+from torchgraft.report import Report, check_loads_something
+from torchgraft.transfer import OUTPUT_SUFFIXES, build_target, save_state, transfer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ Examples:
 def _common(p) -> None:
     p.add_argument("source", help="checkpoint file or folder")
     p.add_argument("--model", required=True, metavar="SPEC", help="target model spec")
-    p.add_argument("--model-kwargs", default=None, metavar="JSON", help="JSON object passed to the model factory")
+    p.add_argument("--model-kwargs", default=None, type=JSON_OBJECT, metavar="JSON", help="JSON object passed to the model factory")
     p.add_argument("--rules", default=None, metavar="FILE", help="YAML/JSON rules: rename, drop, merge, split")
     p.add_argument("--key", default=None, help="take the weights from this entry of a training checkpoint")
     p.add_argument("--source-classes", default=None, metavar="FILE", help="class names of the source, one per line")
@@ -77,6 +79,7 @@ def plan_parser():
                    help="plan for every floating tensor of the output in this dtype")
     p.add_argument("--out", default=None, metavar="PLAN", help="write the plan as JSON (edit it, then --plan)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--all", action="store_true", help="list every tensor instead of collapsing layer indices")
     return p
 
 
@@ -87,7 +90,8 @@ def transfer_parser():
     _common(p)
     p.add_argument("--plan", default=None, metavar="PLAN", help="apply this (reviewed) plan instead of matching")
     p.add_argument("--out", default=None, metavar="OUT.safetensors",
-                   help="write the model's state_dict here (.safetensors, or .pth/.pt/.bin for a torch file)")
+                   help="write the model's state_dict here: .safetensors, or .pth/.pt/.bin for a torch file, or DIR/ "
+                   "for a transformers model (a save_pretrained folder: config.json + model.safetensors)")
     p.add_argument("--report", default=None, metavar="REPORT.json", help="write the per-tensor report as JSON")
     p.add_argument("--strict", action="store_true", help="fail unless every target tensor is loaded or adapted")
     p.add_argument("--allow-new", nargs="*", default=[], metavar="PATTERN",
@@ -105,8 +109,11 @@ def transfer_parser():
                         "torchvision's file name)")
     p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
                    help="the input used to trace the models, e.g. 1,3,224,224 (default: from their metadata)")
-    p.add_argument("--source-model-kwargs", default=None, metavar="JSON", help="JSON kwargs for --source-model")
+    p.add_argument("--source-model-kwargs", default=None, type=JSON_OBJECT, metavar="JSON", help="JSON kwargs for --source-model")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write the output even when no tensor loads (it is then the model as initialised)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--all", action="store_true", help="list every tensor instead of collapsing layer indices")
     return p
 
 
@@ -127,7 +134,7 @@ def _classes(path: str | None) -> list[str] | None:
 
 
 def run_plan(source, model, model_kwargs, rules, key, source_classes, target_classes, out, json, dtype=None,
-             no_hash_check=False, no_verify=False) -> int:
+             no_hash_check=False, no_verify=False, all=False) -> int:
     if out is not None:
         refuse_same_path(out, source, rules)
     src = load(source, key=key, verify_hash=hash_check(no_hash_check, no_verify))
@@ -139,7 +146,7 @@ def run_plan(source, model, model_kwargs, rules, key, source_classes, target_cla
     if json:
         print_json(result.to_dict())
     else:
-        render(result)
+        render(result, every=all, more="--all lists every tensor; --out PLAN writes them all as JSON")
         if out is not None:
             console.print(f"plan written to [bold]{out}[/]; apply it with `graft transfer {source} --model {model} "
                           f"--plan {out} --out OUT.safetensors`")
@@ -180,12 +187,16 @@ class ProgressBars:
 
 def run_transfer(source, model, model_kwargs, rules, key, source_classes, target_classes, plan, out, report, strict,
                  allow_new, dry_run, verify, source_model, source_model_kwargs, json, dtype=None,
-                 input_shape=None, no_hash_check=False, no_verify=False) -> int:
+                 input_shape=None, no_hash_check=False, no_verify=False, allow_empty=False, all=False) -> int:
     if out is None and not dry_run:
-        raise GraftError("graft transfer needs --out OUT.safetensors (or --dry-run to only report).")
+        raise UsageError("graft transfer needs --out OUT.safetensors (or --dry-run to only report).")
+    folder = out is not None and (out.endswith(("/", os.sep)) or Path(out).is_dir())
+    if out is not None and not folder and Path(out).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UsageError(f"--out {out}: the extension {Path(out).suffix or '(none)'!r} names no weights format; "
+                         f"expected {', '.join(OUTPUT_SUFFIXES)}, or DIR/ for a transformers model's folder.")
     shape = _input_shape(input_shape)
     if (verify or source_model is not None) and dtype not in (None, "float32"):
-        raise GraftError(f"--verify runs both models on one float32 input, so it cannot check a --dtype {dtype} "
+        raise UsageError(f"--verify runs both models on one float32 input, so it cannot check a --dtype {dtype} "
                          "output; nothing was done. Run with --verify and without --dtype first, then again with "
                          "--dtype.")
     for output in (out, report):
@@ -193,25 +204,30 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
             refuse_same_path(output, source, rules, plan)
     src = load(source, key=key, verify_hash=hash_check(no_hash_check, no_verify))
     reviewed = Plan.read(plan) if plan is not None else None
-    write_now = out if not (dry_run or verify) else None  # with --verify, only once verified
+    write_now = out if not (dry_run or verify or folder) else None  # with --verify, only once verified
     metadata = {"torchgraft.source": str(source), "torchgraft.model": model}
     with ProgressBars() as bars:
         result = transfer(src, build=model, model_kwargs=model_kwargs, out=write_now,
                           plan=reviewed, rules=rules, strict=strict, allow_new=allow_new,
                           source_classes=_classes(source_classes), target_classes=_classes(target_classes),
                           dtype=dtype, source_model=source_model or "auto", source_model_kwargs=source_model_kwargs,
-                          input_shape=shape,
+                          input_shape=shape, allow_empty=allow_empty,
                           metadata=metadata, progress=bars.bar("placing tensors"),
-                          write_progress=bars.bar(f"writing {Path(out).name}") if out else None)
+                          write_progress=bars.bar(f"writing {Path(out).name}") if write_now else None)
         if verify and result.verified is not True:
             why = "the matched modules diverge" if result.verified is False else next(
                 (n for n in result.notes if n.startswith(("no source model", "not verified", "source model"))),
                 "no source model")
             raise GraftError(f"--verify: the transfer was not verified ({why}); nothing was written. Pass "
                              "--source-model SPEC, the model the checkpoint was saved from.")
-        if verify and out is not None and not dry_run:
-            save_state(result.model, out, metadata=metadata, progress=bars.bar(f"writing {Path(out).name}"),
-                       release_pages=True)
+        if out is not None and not dry_run and write_now is None:  # verified, or a folder: written now
+            if not allow_empty:
+                check_loads_something(result.entries, result.source, result.target)
+            if folder:
+                save_pretrained_folder(result.model, out)
+            else:
+                save_state(result.model, out, metadata=metadata, progress=bars.bar(f"writing {Path(out).name}"),
+                           release_pages=True)
     for note in result.notes:
         log.debug("%s: %s", model, note)
     if not dry_run and report is not None:
@@ -220,7 +236,7 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
     if json:
         print_json(result.to_dict())
     else:
-        render(result)
+        render(result, every=all)
         if result.verification is not None:
             color = "green" if result.verified else "red"
             console.print(f"[{color}]verify:[/] {result.verification.summary()}")
@@ -233,37 +249,100 @@ def _source_text(source: str | list[str] | None) -> str:
     return source if isinstance(source, str) else "+".join(source or [])
 
 
-def render(report: Report | Plan) -> None:
-    """A Report's entries (loaded, adapted, new) or a Plan's steps (load, adapt, new) as a table, then counts."""
+_COLORS = {"loaded": "green", "adapted": "cyan", "new": "yellow", "load": "green", "adapt": "cyan"}
+_ORDER = {"adapted": 0, "adapt": 0, "new": 1, "loaded": 2, "load": 2}  # what needs a look first
+ROWS_PER_GROUP = 8
+
+
+def _rows(report: Report | Plan, every: bool) -> list[tuple[str, str, str, str, str] | str]:
+    """Table rows (target, status, method, source, note), grouped by status and method with layer indices
+    collapsed, at most ROWS_PER_GROUP per group unless `every` (then one row per tensor); a str is an
+    "... and N more" line."""
     is_plan = isinstance(report, Plan)
-    items = report.steps if is_plan else report.entries
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("target", "action" if is_plan else "status", "method", "source", "note"):
-        table.add_column(col, overflow="fold")
-    colors = {"loaded": "green", "adapted": "cyan", "new": "yellow", "load": "green", "adapt": "cyan"}
     groups: dict[tuple, list] = {}
-    for e in items:
+    for e in report.steps if is_plan else report.entries:
         groups.setdefault((e.action if is_plan else e.status, e.method, e.adapter), []).append(e)
-    order = {"adapted": 0, "adapt": 0, "new": 1, "loaded": 2, "load": 2}  # what needs a look first
-    for (status, method, adapter), entries in sorted(groups.items(), key=lambda kv: order[kv[0][0]]):
-        targets = collapse_indices([e.target for e in entries])
-        for label, members in targets[:8]:
-            sources = [_source_text(entries[i].source) for i in members]
-            source_rows = collapse_indices([x for x in sources if x])
-            source = source_rows[0][0] if len(source_rows) == 1 else (f"{len(source_rows)} groups" if source_rows else "")
-            notes = {entries[i].note for i in members}
-            note = notes.pop() if len(notes) == 1 else ""
-            table.add_row(label + (f" [dim]x{len(members)}[/]" if len(members) > 1 else ""),
-                          f"[{colors[status]}]{status}[/]", method + (f" ({adapter})" if adapter else ""), source,
-                          note)
-        if len(targets) > 8:
-            table.add_row(f"[dim]... and {len(targets) - 8} more[/]", "", "", "", "")
-    console.print(table)
+    rows: list[tuple[str, str, str, str, str] | str] = []
+    for (status, method, adapter), entries in sorted(groups.items(), key=lambda kv: _ORDER[kv[0][0]]):
+        targets = [(e.target, [i]) for i, e in enumerate(entries)] if every else collapse_indices(
+            [e.target for e in entries])
+        for label, members in targets if every else targets[:ROWS_PER_GROUP]:
+            sources = collapse_indices([x for x in (_source_text(entries[i].source) for i in members) if x])
+            source = sources[0][0] if len(sources) == 1 else f"{len(sources)} groups" if sources else ""
+            count = f" x{len(members)}" if len(members) > 1 else ""
+            rows.append((label + count, status, method + (f" ({adapter})" if adapter else ""), source,
+                         _common_note([entries[i].note for i in members])))
+        if not every and len(targets) > ROWS_PER_GROUP:
+            rows.append(f"... and {len(targets) - ROWS_PER_GROUP} more {status} rows")
+    return rows
+
+
+def _common_note(notes: list[str]) -> str:
+    """The note of a collapsed row: the one note, or the words all its tensors' notes begin with."""
+    if len(set(notes)) == 1:
+        return notes[0]
+    prefix = os.path.commonprefix(notes)
+    prefix = prefix[:prefix.rfind(" ")] if " " in prefix else ""
+    return f"{prefix.rstrip(' (;,')} ... (each tensor's note: --all)" if len(prefix) > 20 else ""
+
+
+def render(report: Report | Plan, *, every: bool = False,
+           more: str = "--all lists every tensor; --report FILE writes them all as JSON",
+           out: Console | None = None) -> None:
+    """A Report's entries (loaded, adapted, new) or a Plan's steps (load, adapt, new) as a table fitted to the
+    terminal, then counts; warnings go to stderr. Names are never split: when the columns do not fit, notes and
+    then sources move to their own indented line beneath their row."""
+    out = out or console
+    width = out.width
+    rows = _rows(report, every)
+    table = [r for r in rows if not isinstance(r, str)]
+    head = ("target", "action" if isinstance(report, Plan) else "status", "method", "source", "note")
+    w = [max([len(head[i])] + [len(r[i]) for r in table]) for i in range(5)]
+    gap = "  "
+    notes_inline = sum(w) + 4 * len(gap) <= width
+    source_inline = sum(w[:4]) + 3 * len(gap) <= width
+    shown = 5 if notes_inline else 4 if source_inline else 3
+
+    def line(cells: tuple[str, ...], status: str = "") -> str:
+        parts = [escape(c.ljust(w[i])) for i, c in enumerate(cells[:shown])]
+        if status:
+            parts[1] = f"[{_COLORS[status]}]{parts[1]}[/]"
+        return gap.join(parts).rstrip()
+
+    out.print(f"[bold]{line(head)}[/]", soft_wrap=True)
+    for r in rows:
+        if isinstance(r, str):
+            out.print(f"[dim]{r} ({more})[/]", soft_wrap=True)
+            continue
+        out.print(line(r, r[1]), soft_wrap=True)
+        below = ([f"from {r[3]}"] if shown < 4 and r[3] else []) + ([r[4]] if shown < 5 and r[4] else [])
+        for text in below:
+            for piece in textwrap.wrap(text, max(20, width - 4), break_long_words=False, break_on_hyphens=False):
+                out.print(f"    [dim]{escape(piece)}[/]", soft_wrap=True)
+    out.print(_counts(report), soft_wrap=True)
+    for w_text in report.warnings:
+        err_console.print(f"[bold red]warning:[/] {w_text}", soft_wrap=True)
+
+
+def _counts(report: Report | Plan) -> str:
     c = report.counts()
-    loaded, adapted = ("to load", "to adapt") if is_plan else ("loaded", "adapted")
-    c_loaded, c_adapted = (c["load"], c["adapt"]) if is_plan else (c["loaded"], c["adapted"])
-    console.print(f"[green]{c_loaded} {loaded}[/], [cyan]{c_adapted} {adapted}[/], [yellow]{c['new']} new[/], "
-                  f"{c['unused_source']} source tensors unused; {report.loaded_fraction:.1%} of the target's values "
-                  "come from the source")
+    if isinstance(report, Plan):
+        loaded, adapted, c_loaded, c_adapted = "to load", "to adapt", c["load"], c["adapt"]
+    else:
+        loaded, adapted, c_loaded, c_adapted = "loaded", "adapted", c["loaded"], c["adapted"]
+    return (f"[green]{c_loaded} {loaded}[/], [cyan]{c_adapted} {adapted}[/], [yellow]{c['new']} new[/], "
+            f"{c['unused_source']} source tensors unused; {report.loaded_fraction:.1%} of the target's values come "
+            "from the source")
+
+
+def render_summary(report: Report, more: str) -> None:
+    """Three lines for `graft finetune`: the counts, what stays new or is adapted, and how to see every tensor."""
+    console.print(f"weights: {_counts(report)}", soft_wrap=True)
+    changed = [e for e in report.entries if e.status != "loaded" and not e.benign]
+    if changed:
+        labels = collapse_indices([e.target for e in changed])
+        shown = ", ".join(f"{label} ({changed[members[0]].status})" for label, members in labels[:3])
+        console.print(f"  {shown}{' ...' if len(labels) > 3 else ''}", soft_wrap=True)
+    console.print(f"  [dim]{more} shows every tensor[/]", soft_wrap=True)
     for w in report.warnings:
-        console.print(f"[bold red]warning:[/] {w}", soft_wrap=True)
+        err_console.print(f"[bold red]warning:[/] {w}", soft_wrap=True)

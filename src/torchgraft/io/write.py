@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,7 +20,7 @@ import torch
 from torchgraft.errors import GraftError
 from torchgraft.io.pages import FileMaps
 
-__all__ = ["atomic_write", "save_safetensors", "safetensors_header", "refuse_same_path"]
+__all__ = ["atomic_write", "save_pretrained_folder", "save_safetensors", "safetensors_header", "refuse_same_path"]
 
 
 def refuse_same_path(output: str | os.PathLike[str], *inputs: str | os.PathLike[str] | None) -> None:
@@ -52,6 +53,29 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def save_pretrained_folder(model, path: str | os.PathLike[str]) -> None:
+    """A transformers model as a `save_pretrained` folder (config.json + model.safetensors) that `from_pretrained`
+    loads, written atomically: into a temporary folder beside `path`, then renamed (over an empty folder only)."""
+    target = Path(path)
+    if not callable(getattr(model, "save_pretrained", None)) or getattr(model, "config", None) is None:
+        raise GraftError(f"{path}: an output folder is a save_pretrained folder, for a transformers model; "
+                         f"{type(model).__name__} is not one. Nothing was written. Name a file instead, e.g. "
+                         "--out model.safetensors.")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise GraftError(f"{path}: already exists and is not an empty folder; expected a new folder for the model. "
+                         "Nothing was written. Choose another --out.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from torchgraft.errors import GraftError
+from torchgraft.errors import GraftError, UsageError
 
 __all__ = ["FinetuneConfig"]
 
@@ -62,12 +62,14 @@ class FinetuneConfig:
     unfreeze: list[str] = field(default_factory=list)
     """Globs that train from the first epoch together with the classifier (e.g. `layer4.*`)."""
     unfreeze_at: list[str] = field(default_factory=list)
-    """Gradual unfreezing steps EPOCH:PATTERN (e.g. `1:layer4.*`, `2:*`); replaces the default two phases."""
+    """Gradual unfreezing steps EPOCH:PATTERN, epochs counted from 1 as on the console: `2:layer4.*` unfreezes
+    layer4 when epoch 2 starts, `3:*` everything at epoch 3; replaces the default two phases."""
     train_bn: bool = True
     """While the backbone is frozen, keep its norm layers training (affine parameters and statistics), as fastai
     does: the features then do not jump when the backbone unfreezes. A linear probe always holds them in eval."""
     lr_mult: dict[str, float] = field(default_factory=dict)
-    """Extra learning-rate factors by glob, e.g. {"layer4.*": 0.5}."""
+    """Extra learning-rate factors by glob: `--lr-mult 'layer4.*=0.5' 'layer3.*=0.25'`, or a JSON object
+    `'{"layer4.*": 0.5}'`; in a config file, a list such as `["layer4.*=0.5"]`."""
     seed: int = 0
     """Seed for data order, augmentation and the new classifier's initialisation."""
     workers: int | None = None
@@ -80,9 +82,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("model", "weights", "data", "out"):
-            if not getattr(self, name):
-                problems.append(f"`--{name.replace('_', '-')}` is required")
+        missing = [f"--{name}" for name in ("model", "weights", "data", "out") if not getattr(self, name)]
+        if missing:
+            problems.append(f"missing required {', '.join(missing)}")
         if self.epochs < 1:
             problems.append(f"`--epochs {self.epochs}` must be at least 1")
         if not 0 <= self.head_epochs <= self.epochs:
@@ -108,11 +110,15 @@ class FinetuneConfig:
         for step in self.unfreeze_at:
             epoch, sep, pattern = step.partition(":")
             if not sep or not epoch.isdigit() or not pattern:
-                problems.append(f"`--unfreeze-at {step}` must read EPOCH:PATTERN, e.g. 1:layer4.*")
+                problems.append(f"`--unfreeze-at {step}` must read EPOCH:PATTERN, e.g. 2:layer4.*")
+            elif not 1 <= int(epoch) <= self.epochs:
+                problems.append(f"`--unfreeze-at {step}`: epochs count from 1, as on the console; expected an "
+                                f"epoch from 1 to --epochs ({self.epochs})")
         if problems:
-            raise GraftError("; ".join(problems) + ".")
+            raise UsageError("; ".join(problems) + ".")
 
     def unfreeze_steps(self) -> list[tuple[int, str]]:
+        """(epoch counted from 1, pattern) for each `--unfreeze-at` step."""
         return [(int(e), p) for e, _, p in (s.partition(":") for s in self.unfreeze_at)]
 
     def to_dict(self) -> dict[str, Any]:

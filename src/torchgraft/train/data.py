@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +13,8 @@ from PIL import Image, UnidentifiedImageError
 
 from torchgraft.errors import GraftError
 
-__all__ = ["ImageList", "Preprocessing", "find_splits", "list_images", "preprocessing_for", "build_transforms",
-           "IMAGE_SUFFIXES"]
+__all__ = ["ImageList", "Preprocessing", "batches", "find_splits", "list_images", "preprocessing_for",
+           "build_transforms", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,6 +93,19 @@ class ImageList(torch.utils.data.Dataset):
         except (UnidentifiedImageError, OSError) as exc:
             raise GraftError(f"{path}: cannot read the image ({exc}); remove or replace the file.") from None
         return (self.transform(img) if self.transform else img), label
+
+
+def batches(loader: Iterable):
+    """Iterate a DataLoader. An unreadable image in a worker process comes back as its own one-line GraftError,
+    not torch's wrapper ("Caught GraftError in DataLoader worker process 0. Original Traceback ...")."""
+    try:
+        yield from loader
+    except GraftError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        raise GraftError(last.partition("GraftError: ")[2] or last) from None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torchgraft.classes import read_class_names
 from torchgraft.errors import GraftError
 from torchgraft.io.read import load
 from torchgraft.specs import parse_kwargs
-from torchgraft.train.data import ImageList, build_transforms, list_images, preprocessing_for
+from torchgraft.train.data import ImageList, batches, build_transforms, list_images, preprocessing_for
 from torchgraft.train.metrics import classification_report, confusion_matrix
 
 __all__ = ["evaluate", "predict", "load_finetuned"]
@@ -27,14 +27,25 @@ def _classes(weights: Path, classes_file: str | None) -> list[str]:
     return read_class_names(path)
 
 
-def _run_image_size(weights: Path) -> int | None:
+def _run_config(weights: Path) -> dict[str, Any]:
+    """The config.yaml of the run the weights come from ({} when there is none)."""
     config = weights.parent / "config.yaml"
     if config.is_file():
         try:
-            return (yaml.safe_load(config.read_text()) or {}).get("image_size")
+            found = yaml.safe_load(config.read_text())
+            return found if isinstance(found, dict) else {}
         except yaml.YAMLError:
-            return None
-    return None
+            return {}
+    return {}
+
+
+def _run_image_size(weights: Path) -> int | None:
+    return _run_config(weights).get("image_size")
+
+
+def _trained_with(weights: Path) -> str:
+    model = _run_config(weights).get("model")
+    return f" The run beside them was trained with --model {model}." if model else ""
 
 
 def load_finetuned(spec: str, model_kwargs: Any, weights: str, classes_file: str | None = None,
@@ -43,15 +54,18 @@ def load_finetuned(spec: str, model_kwargs: Any, weights: str, classes_file: str
     from torchgraft.train.loop import build_classifier_model
 
     path = Path(weights)
+    if not path.exists():
+        raise GraftError(f"{weights}: no such file; expected the weights graft finetune wrote (RUN/model.safetensors).")
     classes = _classes(path, classes_file)
     model, _ = build_classifier_model(spec, parse_kwargs(model_kwargs), len(classes))
     state = load(path).state_dict()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
-        raise GraftError(f"{weights}: does not fit {spec} with {len(classes)} classes ({lines[1] if len(lines) > 1 else lines[0]}"
-                         "); expected the weights graft finetune wrote for this --model.") from None
+    expected = model.state_dict()
+    fits = sum(1 for k, v in state.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape))
+    if fits != len(expected) or len(state) != len(expected):
+        raise GraftError(f"{weights}: these weights are for another model ({fits} of {len(expected)} tensors of "
+                         f"{spec} with {len(classes)} classes match by name and shape); expected the weights graft "
+                         f"finetune wrote for this --model.{_trained_with(path)}")
+    model.load_state_dict(state, strict=True)
     model.eval()
     pre = preprocessing_for(model, spec, image_size or _run_image_size(path))
     return model, classes, build_transforms(pre, train=False, augment=False, hflip=False)
@@ -73,7 +87,7 @@ def evaluate(spec: str, model_kwargs: Any, weights: str, data: str, *, classes_f
     samples = [(p, remap[y]) for p, y in samples]
     loader = torch.utils.data.DataLoader(ImageList(samples, transform), batch_size=batch_size, num_workers=2)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
-    for images, labels in loader:
+    for images, labels in batches(loader):
         confusion += confusion_matrix(labels, model(images).argmax(1), len(classes))
     return classification_report(confusion, classes)
 

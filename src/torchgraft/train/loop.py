@@ -11,6 +11,7 @@
 3. save: curves.png, confusion.png, classes.txt; the best model is already on disk.
 
 `--resume RUN_DIR` rebuilds the run from config.yaml and last.ckpt and continues after the last finished epoch.
+Epochs are numbered from 1 everywhere a user sees them: metrics.jsonl, the plots, last.ckpt, `--unfreeze-at`.
 Progress goes to a `Reporter` (the CLI draws bars and tables with it); the library itself prints nothing.
 """
 
@@ -38,11 +39,12 @@ from torchgraft.io.write import atomic_write, save_safetensors
 from torchgraft.specs import build_model
 from torchgraft.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchgraft.train.config import FinetuneConfig
-from torchgraft.train.data import ImageList, build_transforms, find_splits, preprocessing_for
+from torchgraft.train.data import ImageList, batches, build_transforms, find_splits, preprocessing_for
 from torchgraft.train.metrics import confusion_matrix, plot_confusion, plot_curves
 from torchgraft.transfer import Report, transfer
 
-__all__ = ["finetune", "Reporter", "RunResult", "build_classifier_model", "find_head"]
+__all__ = ["finetune", "Reporter", "RunResult", "build_classifier_model", "find_head", "finished_epochs",
+           "read_config"]
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,11 @@ FILES = ("model.safetensors", "last.ckpt", "metrics.jsonl", "config.yaml", "clas
 
 
 class Reporter(Protocol):
-    """What the loop tells whoever watches (the CLI's rich bars and tables); all methods are optional."""
+    """What the loop tells whoever watches (the CLI's rich bars and tables); all methods are optional. Epochs are
+    numbered from 1."""
 
     def transfer(self, report: Report) -> None: ...
+    def resumed(self, finished: int, epochs: int) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int, phase: str) -> None: ...
     def step(self, loss: float, acc: float) -> None: ...
     def epoch_end(self, row: dict[str, Any]) -> None: ...
@@ -245,6 +249,9 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     # -- the run folder: continue the saved run, or start a new one
     if resume:
         optimizer, start_epoch, best, rows = _restore(out, config, model, schedule, new_optimizer)
+        if dist_info.main:  # a resume may run longer (`--epochs`): the next resume continues from here
+            _write_text(out / "config.yaml", _config_text(config))
+        reporter.resumed(start_epoch, config.epochs)
     else:
         start_epoch, best, rows = 0, _Best(), []
         if dist_info.main:
@@ -270,8 +277,10 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     amp = _autocast(device)
     scaler = torch.amp.GradScaler("cuda") if cuda and amp.fast_dtype == torch.float16 else None
 
-    # -- train: each epoch unfreezes what is due, trains, validates, and saves
+    # -- train: each epoch unfreezes what is due, trains, validates, and saves (`epoch` counts from 0 here; what
+    # a user sees, `number`, from 1)
     for epoch in range(start_epoch, config.epochs):
+        number = epoch + 1
         added = schedule.step(epoch, model, optimizer, lr=config.lr * config.backbone_lr_mult, **group_kwargs)
         if config.freeze and added:
             freeze(model, *config.freeze)
@@ -281,29 +290,30 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
         _seed_data_order(train_loader, epoch, config.seed)
         phase = _phase_name(steps, epoch)
         started = time.perf_counter()
-        reporter.epoch_start(epoch, config.epochs, len(train_loader), phase)
+        reporter.epoch_start(number, config.epochs, len(train_loader), phase)
         if cache is not None:  # a linear probe: the classifier alone, on the frozen backbone's features
             train, val = cache.train_feed(train_loader, epoch), cache.val_feed(val_loader, amp)
         else:
             train = _Feed(train_model, _images(train_loader, device), amp, scaler)
             val = _Feed(model, _images(val_loader, device), amp)
         train_loss, train_acc, lr = _train_epoch(train, optimizer, loss_fn, functools.partial(phases.factor, epoch),
-                                                 reporter, dist_info, epoch)
+                                                 reporter, dist_info, number)
         val_loss, confusion = _validate(model, val, loss_fn, len(classes))
         val_acc = int(confusion.diag().sum()) / max(1, int(confusion.sum()))
-        row = {"epoch": epoch, "phase": phase, "train_loss": train_loss, "train_acc": train_acc,
+        row = {"epoch": number, "phase": phase, "train_loss": train_loss, "train_acc": train_acc,
                "val_loss": val_loss, "val_acc": val_acc, "lr": lr, "seconds": round(time.perf_counter() - started, 3)}
         rows.append(row)
-        best.update(val_acc, epoch)
+        best.update(val_acc, number)
         if dist_info.main:
             _save_epoch(out, config, model, optimizer, schedule, row, confusion, best)
         reporter.epoch_end(row)
 
     # -- save what the run leaves behind; the best model is already on disk
     if dist_info.main:
-        plot_curves(rows, out / "curves.png")
+        plot_curves(rows, out / "curves.png", best_epoch=best.epoch)
         best_confusion = torch.tensor(json.loads((out / ".best_confusion.json").read_text()))
-        plot_confusion(best_confusion, classes, out / "confusion.png")
+        plot_confusion(best_confusion, classes, out / "confusion.png",
+                       title=f"confusion (validation, kept epoch {best.epoch})")
 
     # -- clean up
     if dist_info.world > 1:
@@ -319,7 +329,7 @@ def _ready_to_resume(out: Path, dist_info: _Dist) -> bool:
         for stale in out.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
     if not (out / "last.ckpt").is_file():  # killed during the first epoch: nothing to lose, start it again
-        log.info("%s: no last.ckpt yet (the run stopped in its first epoch); starting it from epoch 0", out)
+        log.info("%s: no last.ckpt yet (the run stopped in its first epoch); starting it from epoch 1", out)
         return False
     return True
 
@@ -327,15 +337,32 @@ def _ready_to_resume(out: Path, dist_info: _Dist) -> bool:
 def _start_run_folder(out: Path, config: FinetuneConfig, classes: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "classes.txt", "\n".join(classes) + "\n")
-    _write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    _write_text(out / "config.yaml", _config_text(config))
     _write_text(out / "metrics.jsonl", "")
+
+
+def _config_text(config: FinetuneConfig) -> str:
+    """config.yaml, with absolute paths (weights, data, out, a model file), so `--resume` works from anywhere."""
+    saved = config.to_dict()
+    for name in ("weights", "data", "out"):
+        saved[name] = str(Path(saved[name]).absolute())
+    where, sep, factory = config.model.rpartition(":")
+    if where.endswith(".py") and Path(where).is_file():
+        saved["model"] = f"{Path(where).absolute()}{sep}{factory}"
+    return yaml.safe_dump(saved, sort_keys=False)
+
+
+def finished_epochs(out: str | Path) -> int:
+    """How many epochs of the run in `out` last.ckpt has kept (0 when it has none)."""
+    path = Path(out) / "last.ckpt"
+    return int(load_checkpoint(path)["epoch"]) if path.is_file() else 0
 
 
 def _restore(out: Path, config: FinetuneConfig, model: nn.Module, schedule: UnfreezeSchedule,
              new_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
              ) -> tuple[torch.optim.Optimizer, int, _Best, list[dict[str, Any]]]:
-    """The run as last.ckpt saved it: model, unfreezing schedule, optimizer, random states; then the epoch to
-    start from, the best so far and the finished epochs' metrics."""
+    """The run as last.ckpt saved it: model, unfreezing schedule, optimizer, random states; then the number of
+    finished epochs (the index to start from), the best so far and the finished epochs' metrics."""
     state = load_checkpoint(out / "last.ckpt")
     model.load_state_dict(state["model"])
     schedule.load_state_dict(state["schedule"])
@@ -345,15 +372,15 @@ def _restore(out: Path, config: FinetuneConfig, model: nn.Module, schedule: Unfr
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     rows = _read_rows(out / "metrics.jsonl", upto=state["epoch"])
-    return optimizer, state["epoch"] + 1, _Best(state["best_acc"], state["best_epoch"]), rows
+    return optimizer, state["epoch"], _Best(state["best_acc"], state["best_epoch"]), rows
 
 
 @dataclass
 class _Best:
-    """The best validation accuracy so far and its epoch (-1 before the first epoch)."""
+    """The best validation accuracy so far and its epoch, counted from 1 (0 before the first epoch)."""
 
     acc: float = -1.0
-    epoch: int = -1
+    epoch: int = 0
 
     def update(self, acc: float, epoch: int) -> None:
         if acc > self.acc:
@@ -383,8 +410,8 @@ def _unfreeze_steps(config: FinetuneConfig, head: str) -> list[tuple[int, list[s
         return [(0, head_patterns)]
     if config.unfreeze_at:
         steps: dict[int, list[str]] = {0: list(head_patterns)}
-        for epoch, pattern in config.unfreeze_steps():
-            steps.setdefault(epoch, []).append(pattern)
+        for number, pattern in config.unfreeze_steps():  # EPOCH:PATTERN counts epochs from 1, as the console does
+            steps.setdefault(number - 1, []).append(pattern)
         return sorted(steps.items())
     if config.head_epochs == 0:
         return [(0, ["*"])]
@@ -430,7 +457,7 @@ def _to(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _images(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[_Batch]:
     """The loader's (images, labels), on the device."""
-    for images, labels in loader:
+    for images, labels in batches(loader):
         yield _to(images, device), labels.to(device)
 
 
@@ -516,7 +543,7 @@ def _train_epoch(feed: _Feed, optimizer: torch.optim.Optimizer, loss_fn: nn.Modu
 
 def _stop_unless_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
     if not torch.isfinite(loss):
-        raise GraftError(f"the training loss became {loss.item()} at epoch {epoch} step {step}; stopping. The last "
+        raise GraftError(f"the training loss became {loss.item()} at epoch {epoch} step {step + 1}; stopping. The last "
                          "good checkpoint is kept; lower --lr and resume or start again.")
 
 
@@ -570,7 +597,7 @@ class _FeatureCache:
         was_training = self.model.training
         self.model.eval()  # the frozen backbone as it will be used: BatchNorm statistics fixed, no dropout
         try:
-            for images, y in loader:
+            for images, y in batches(loader):
                 self.model(_to(images, self.device))
                 labels.append(y)
         finally:

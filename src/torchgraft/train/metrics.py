@@ -46,39 +46,57 @@ def _pyplot():
     return plt
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation."""
+def plot_curves(rows: list[dict[str, Any]], path: Path, best_epoch: int | None = None) -> None:
+    """Loss and accuracy per epoch (numbered from 1), train and validation; each phase shaded and named, the kept
+    (best) epoch marked."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="val")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [r["train_acc"] for r in rows], marker="o", label="train")
-    ax_acc.plot(epochs, [r["val_acc"] for r in rows], marker="o", label="val")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.legend()
-    for ax in (ax_loss, ax_acc):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for ax, metric, label in zip(axes, ("loss", "acc"), ("loss", "accuracy")):
+        ax.plot(epochs, [r[f"train_{metric}"] for r in rows], marker="o", label="train")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], marker="o", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per epoch")
+        for start, end, phase, shade in _phases(rows):
+            ax.axvspan(start - 0.5, end + 0.5, color="0.5", alpha=0.08 if shade else 0.0, lw=0)
+            ax.text((start + end) / 2, 0.02, f"phase: {phase}", transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize=7, color="0.35")
+        if best_epoch in epochs:
+            ax.axvline(best_epoch, color="green", ls="--", lw=1, label=f"kept (epoch {best_epoch})")
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_write(path) as f:  # a killed run never leaves half a PNG
         fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
 
 
-def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path) -> None:
+def _phases(rows: list[dict[str, Any]]) -> list[tuple[int, int, str, bool]]:
+    """(first epoch, last epoch, phase name, shaded) for each run of epochs in one phase; every other one shaded."""
+    spans: list[tuple[int, int, str, bool]] = []
+    for r in rows:
+        if spans and spans[-1][2] == r.get("phase", ""):
+            spans[-1] = (spans[-1][0], r["epoch"], spans[-1][2], spans[-1][3])
+        else:
+            spans.append((r["epoch"], r["epoch"], r.get("phase", ""), len(spans) % 2 == 0))
+    return spans
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str = "") -> None:
+    """The confusion matrix (rows true, columns predicted) and, beside it, each class's accuracy (its recall)."""
     plt = _pyplot()
     n = len(classes)
     size = min(3 + 0.45 * n, 14)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(size * 1.45, size), gridspec_kw={"width_ratios": [3, 1.2]})
     ax.imshow(confusion.numpy(), cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0)
     ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title or "confusion (validation)")
     if n <= 30:
         peak = int(confusion.max()) or 1
         for i in range(n):
@@ -87,6 +105,15 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path) 
                 if value:
                     ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
                             color="white" if value > peak / 2 else "black")
+    support = confusion.sum(1).clamp(min=1).double()
+    accuracy = (confusion.diag().double() / support).tolist()
+    ax_acc.barh(range(n), accuracy, color="tab:blue")
+    ax_acc.set_yticks(range(n), classes)
+    ax_acc.set_ylim(n - 0.5, -0.5)  # the matrix's row order
+    ax_acc.set_xlim(0, 1)
+    ax_acc.set_xlabel("accuracy (recall)")
+    ax_acc.set_title("per class")
+    ax_acc.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     with atomic_write(path) as f:  # a killed run never leaves half a PNG
         fig.savefig(f, dpi=110, format="png")
