@@ -146,7 +146,7 @@ def run_plan(source, model, model_kwargs, rules, key, source_classes, target_cla
     if json:
         print_json(result.to_dict())
     else:
-        render(result, every=all, more="--all lists every tensor; --out PLAN writes them all as JSON")
+        render(result, every=all, more="--all lists them; --out PLAN writes JSON")
         if out is not None:
             console.print(f"plan written to [bold]{out}[/]; apply it with `graft transfer {source} --model {model} "
                           f"--plan {out} --out OUT.safetensors`")
@@ -287,7 +287,7 @@ def _common_note(notes: list[str]) -> str:
 
 
 def render(report: Report | Plan, *, every: bool = False,
-           more: str = "--all lists every tensor; --report FILE writes them all as JSON",
+           more: str = "--all lists them; --report FILE writes JSON",
            out: Console | None = None) -> None:
     """A Report's entries (loaded, adapted, new) or a Plan's steps (load, adapt, new) as a table fitted to the
     terminal, then counts; warnings go to stderr. Names are never split: when the columns do not fit, notes and
@@ -319,7 +319,7 @@ def render(report: Report | Plan, *, every: bool = False,
         for text in below:
             for piece in textwrap.wrap(text, max(20, width - 4), break_long_words=False, break_on_hyphens=False):
                 out.print(f"    [dim]{escape(piece)}[/]", soft_wrap=True)
-    out.print(_counts(report), soft_wrap=True)
+    out.print(_counts(report))  # wrapped at words: it names no tensor
     for w_text in report.warnings:
         err_console.print(f"[bold red]warning:[/] {w_text}", soft_wrap=True)
 

@@ -45,7 +45,7 @@ def _run_image_size(weights: Path) -> int | None:
 
 def _trained_with(weights: Path) -> str:
     model = _run_config(weights).get("model")
-    return f" The run beside them was trained with --model {model}." if model else ""
+    return f"; the run beside them used --model {model}" if model else ""
 
 
 def load_finetuned(spec: str, model_kwargs: Any, weights: str, classes_file: str | None = None,
@@ -63,8 +63,8 @@ def load_finetuned(spec: str, model_kwargs: Any, weights: str, classes_file: str
     fits = sum(1 for k, v in state.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape))
     if fits != len(expected) or len(state) != len(expected):
         raise GraftError(f"{weights}: these weights are for another model ({fits} of {len(expected)} tensors of "
-                         f"{spec} with {len(classes)} classes match by name and shape); expected the weights graft "
-                         f"finetune wrote for this --model.{_trained_with(path)}")
+                         f"{spec} with {len(classes)} classes match); expected weights graft finetune wrote for this "
+                         f"--model{_trained_with(path)}.")
     model.load_state_dict(state, strict=True)
     model.eval()
     pre = preprocessing_for(model, spec, image_size or _run_image_size(path))

@@ -10,7 +10,8 @@ import torch
 
 from torchgraft.io.write import atomic_write
 
-__all__ = ["confusion_matrix", "classification_report", "plot_curves", "plot_confusion"]
+__all__ = ["confusion_matrix", "classification_report", "confusion_figure", "curves_figure", "plot_confusion",
+           "plot_curves"]
 
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -47,6 +48,22 @@ def _pyplot():
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, best_epoch: int | None = None) -> None:
+    """curves.png: `curves_figure`, written atomically."""
+    _save(curves_figure(rows, best_epoch), path)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str = "") -> None:
+    """confusion.png: `confusion_figure`, written atomically."""
+    _save(confusion_figure(confusion, classes, title), path)
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_write(path) as f:  # a killed run never leaves half a PNG
+        fig.savefig(f, dpi=110, format="png")
+    _pyplot().close(fig)
+
+
+def curves_figure(rows: list[dict[str, Any]], best_epoch: int | None = None):
     """Loss and accuracy per epoch (numbered from 1), train and validation; each phase shaded and named, the kept
     (best) epoch marked."""
     plt = _pyplot()
@@ -69,9 +86,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, best_epoch: int | None =
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_write(path) as f:  # a killed run never leaves half a PNG
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    return fig
 
 
 def _phases(rows: list[dict[str, Any]]) -> list[tuple[int, int, str, bool]]:
@@ -85,7 +100,7 @@ def _phases(rows: list[dict[str, Any]]) -> list[tuple[int, int, str, bool]]:
     return spans
 
 
-def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str = "") -> None:
+def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], title: str = ""):
     """The confusion matrix (rows true, columns predicted) and, beside it, each class's accuracy (its recall)."""
     plt = _pyplot()
     n = len(classes)
@@ -115,6 +130,4 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, 
     ax_acc.set_title("per class")
     ax_acc.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    with atomic_write(path) as f:  # a killed run never leaves half a PNG
-        fig.savefig(f, dpi=110, format="png")
-    plt.close(fig)
+    return fig
