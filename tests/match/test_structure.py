@@ -595,3 +595,66 @@ def natural_order_groups(groups):
     order = natural_order(g.name for g in groups)
     by_name = {g.name: g for g in groups}
     return [by_name[n] for n in order]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# blocks
+
+
+def _block_groups(names: list[str], width: int = 8) -> list[Group]:
+    """Groups named `names`; "norm"-like names get a norm's signature, the rest a linear layer's (w x w)."""
+    out = []
+    for name in names:
+        local = name.rpartition(".")[2]
+        shape = (width,) if "norm" in local or local.startswith("ln") else (width, width)
+        out.append(Group(name, (("weight", shape), ("bias", (width,)))))
+    return out
+
+
+def test_block_of_finds_the_deepest_numbered_container():
+    containers = {"", "layers", "layers.0", "features", "features.2", "features.2.conv", "features.2.conv.0"}
+    assert structure.block_of("layers.0.attn.qkv", containers) == "layers.0"
+    assert structure.block_of("features.2.conv.0.1", containers) == "features.2.conv.0"
+    assert structure.block_of("features.2.conv.3", containers) == "features.2"
+    assert structure.block_of("layers.0", containers) == "layers.0"  # a block's own tensors (layer scale)
+    assert structure.block_of("head", containers) == ""
+
+
+def test_a_norm_registered_after_the_attention_is_not_loaded_into_the_next_block():
+    """Hugging Face's ViT order in the file (norms after attention) against timm's in execution order."""
+    source = _block_groups([f"layer.{i}.{n}" for i in range(3) for n in ("attn", "proj", "ln_before", "ln_after")])
+    target = _block_groups([f"blocks.{i}.{n}" for i in range(3) for n in ("norm1", "qkv", "out", "norm2")])
+    matches = align(source, target)
+    wrong = [(target[m.target].name, source[m.source].name) for m in matches if m.source is not None
+             and source[m.source].name.split(".")[1] != target[m.target].name.split(".")[1]]
+    assert wrong, "the positional alignment alone crosses blocks (else this test shows nothing)"
+    refused, settled = structure.check_blocks(source, target, matches)
+    kept = {target[m.target].name: source[m.source].name for m in matches
+            if m.source is not None and m.target not in refused}
+    assert all(t.split(".")[1] == s.split(".")[1] for t, s in kept.items()), kept
+    # inside a block, which of the two norms is norm1 is unknown from this order: neither loads
+    assert not any(t.endswith("norm1") or t.endswith("norm2") for t in kept), kept
+    assert {t.rpartition(".")[2] for t in kept} == {"qkv", "out"}
+    assert all(refused[j] for j in refused)
+    assert not settled
+
+
+def test_a_block_split_in_two_by_the_other_library_is_not_refused():
+    """One source block (conv, norm, conv, norm) is two numbered blocks of the target (torchvision's
+    EfficientNet against timm's): consistent, nothing refused."""
+    source = _block_groups([f"blocks.{i}.{n}" for i in range(2) for n in ("pw", "norm_a", "dw", "norm_b")])
+    target = _block_groups([f"features.{i}.{j}.{n}" for i in range(2) for j in range(2) for n in ("conv", "norm")])
+    matches = align(source, target)
+    assert all(m.source is not None for m in matches)
+    refused, _ = structure.check_blocks(source, target, matches)
+    assert refused == {}
+
+
+def test_an_ambiguity_is_settled_in_its_block_only_when_every_other_candidate_belongs_elsewhere():
+    """`out` fits `proj` and `stack.0.0`; its block corresponds to `stack.0` only, where the alignment gives
+    `stack.0.0` — but `proj` sits in no corresponding block, so nothing says it belongs elsewhere."""
+    source = _block_groups(["proj", "stack.0.0", "stack.0.norm1"])
+    target = _block_groups(["out", "body.a.norm1"])
+    matches = align(source, target)
+    _, settled = structure.check_blocks(source, target, matches)
+    assert 0 not in settled

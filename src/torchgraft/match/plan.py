@@ -551,8 +551,12 @@ def structure(st: State) -> None:
     if order_lost and _order_recovered(src_groups, tgt_groups):
         order_lost = cut_at_anchors = False
     elif order_lost:
+        # Both sides sorted by name: where a unique module sits in that order says nothing about its place in
+        # the network (a target's `added` sorts before its `classifier`, a source's `body` before its `head`),
+        # so the unique matches do not cut the alignment into regions.
         tgt_groups, tgt_virtual = fuse_projections(split_containers(groups_from_keys(
             {k: st.tgt[k] for k in natural_order(sorted(targets))})))
+        cut_at_anchors = False
     st.virtual_targets = tgt_virtual
     matches = align(src_groups, tgt_groups, cut_at_anchors=cut_at_anchors)
     short = _short_runs(matches, len(src_groups), len(tgt_groups)) if not order_lost else set()

@@ -321,14 +321,17 @@ def check_blocks(source: Sequence[Group], target: Sequence[Group], matches: Sequ
     for j, b in enumerate(tb):
         if (1, b) in root:
             parts[find((1, b))][1].append(j)
-    for s_local, t_local in parts.values():
+    for part, (s_local, t_local) in parts.items():
         if not s_local or not t_local:
             continue
         local = align([source[i] for i in s_local], [target[j] for j in t_local], cut_at_anchors=cut_at_anchors)
         for lm in local:
             j = t_local[lm.target]
             if j in open_ and lm.source is not None and s_local[lm.source] in open_[j]:
-                settled[j] = s_local[lm.source]
+                # settled only when every other candidate belongs to blocks that correspond to other blocks
+                others = open_[j] - {s_local[lm.source]}
+                if all((0, sb[c]) in root and find((0, sb[c])) != part for c in others):
+                    settled[j] = s_local[lm.source]
             elif j in given and (lm.source is None or s_local[lm.source] != given[j]):
                 others = [source[s_local[i]].name for i in lm.candidates] if lm.source is None else \
                     [source[s_local[lm.source]].name]
