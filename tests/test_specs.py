@@ -83,3 +83,11 @@ def test_spec_or_path(tmp_path):
     existing = tmp_path / "a:b"
     existing.write_bytes(b"x")
     assert not is_model_spec(str(existing))
+
+
+def test_the_weights_file_of_a_hugging_face_folder_names_its_model(minilm_dir):
+    from torchgraft.specs import source_spec
+
+    found = source_spec(minilm_dir / "model.safetensors")
+    assert found is not None and found[0] == "transformers:BertModel", found
+    assert "config.json" in found[2]

@@ -26,6 +26,7 @@ from typing import Any
 import torch.nn as nn
 
 from torchgraft.errors import SpecError
+from torchgraft.io.read import HF_WEIGHT_FILES
 
 __all__ = ["build_model", "is_model_spec", "parse_kwargs", "source_spec", "torchvision_files"]
 
@@ -114,13 +115,19 @@ def source_spec(path: str | os.PathLike[str], metadata: dict[str, Any] | None = 
     """The model a checkpoint says it was saved from, as `(spec, kwargs, how it was found)`, or None.
 
     - a Hugging Face folder whose `config.json` names its class (`"architectures": ["BertModel"]`):
-      `transformers:BertModel` built from that config;
+      `transformers:BertModel` built from that config (also for its weights file named on its own,
+      `folder/model.safetensors`);
     - a timm folder whose `config.json` names an `"architecture"` (timm's `push_to_hub` layout), with its
       `num_classes`;
     - a file named as torchvision publishes its weights (`mobilenet_v2-b0353104.pth`): that torchvision model.
     """
     p = Path(path)
     config = (metadata or {}).get("config")
+    if config is None and p.name in HF_WEIGHT_FILES and (p.parent / "config.json").is_file():
+        try:  # the weights file of a Hugging Face folder, named instead of its folder
+            config = json.loads((p.parent / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            config = None
     if isinstance(config, dict):
         folder = p if p.is_dir() else p.parent
         architectures = config.get("architectures")

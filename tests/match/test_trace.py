@@ -61,3 +61,20 @@ def test_a_forward_that_reads_values_falls_back_and_says_why():
     assert trace.order is None
     assert trace.note.startswith("not traced: the forward pass does not run on the meta device with input (1, 4)")
     assert "registration order" in trace.note
+
+
+def test_a_hand_written_text_model_is_traced_with_token_ids():
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens = nn.Embedding(50, 16)
+            self.out = nn.Linear(16, 3)
+            self.mix = nn.Linear(16, 16)
+
+        def forward(self, ids):
+            return self.out(self.mix(self.tokens(ids)))
+
+    trace = execution_order(Tagger())
+    assert trace.ok, trace.note
+    assert trace.order.index("mix.weight") < trace.order.index("out.weight")  # run order, not registration
+    assert "(1, 8)" in trace.note

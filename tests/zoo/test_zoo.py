@@ -142,6 +142,37 @@ def _hf_resnet50():
     return transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=1000))
 
 
+class TorchBert(torch.nn.Module):
+    """A BERT encoder written with torch's own layers, as a hand port is: one fused `in_proj` per attention
+    (MultiheadAttention) where Hugging Face has separate query, key and value; other names throughout."""
+
+    def __init__(self, vocab=100, hidden=64, layers=2, heads=2, ffn=128, max_positions=32, types=2):
+        super().__init__()
+        nn = torch.nn
+        self.word = nn.Embedding(vocab, hidden)
+        self.position = nn.Embedding(max_positions, hidden)
+        self.token_type = nn.Embedding(types, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+        layer = nn.TransformerEncoderLayer(hidden, heads, ffn, dropout=0.0, activation="gelu", batch_first=True,
+                                           layer_norm_eps=1e-12)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.pooler = nn.Linear(hidden, hidden)
+
+    def forward(self, input_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions)[None] + self.token_type(torch.zeros_like(input_ids))
+        x = self.encoder(self.norm(x))
+        return x, torch.tanh(self.pooler(x[:, 0]))
+
+
+def _hf_bert():
+    transformers = pytest.importorskip("transformers")
+    return transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        max_position_embeddings=32, type_vocab_size=2, hidden_act="gelu"))
+
+
+TOKENS = {"input_ids": torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(1))}
 VIT = {"x": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
 HF_VIT = {"pixel_values": VIT["x"]}
 HF_IMG = {"pixel_values": IMG["x"]}
@@ -158,6 +189,8 @@ BY_FUNCTION = {
     "vit transformers -> timm": (_hf_vit, HF_VIT, _timm_vit, VIT),
     "resnet50 torchvision -> transformers": (lambda: torchvision.models.resnet50(), IMG, _hf_resnet50, HF_IMG),
     "resnet50 transformers -> torchvision": (_hf_resnet50, HF_IMG, lambda: torchvision.models.resnet50(), IMG),
+    "bert transformers -> torch layers (hand-written)": (_hf_bert, TOKENS, TorchBert, TOKENS),
+    "bert torch layers (hand-written) -> transformers": (TorchBert, TOKENS, _hf_bert, TOKENS),
 }
 
 
@@ -195,3 +228,28 @@ def test_zoo_pair_by_function(name, tmp_path):
     if out:
         with open(out, "w") as f:
             json.dump(RESULTS, f, indent=1)
+
+
+def test_real_minilm_into_a_hand_written_port(minilm_dir):
+    """The real BERT MiniLM folder (safetensors, keys sorted; config.json beside it) into `TorchBert`, a port
+    with other names and fused attention projections: the source model is found from config.json, both are
+    traced, every tensor loads, the transfer is verified, and the port computes what Hugging Face's BertModel
+    computes from the same file. Without the folder's config (the file alone), nothing is misplaced."""
+    transformers = pytest.importorskip("transformers")
+    port = TorchBert(vocab=30522, hidden=384, layers=6, heads=12, ffn=1536, max_positions=512).eval()
+    report = tg.transfer(minilm_dir / "model.safetensors", port)
+    assert any("config.json" in n for n in report.notes), report.notes
+    assert report.verified is True, report.verification
+    assert all(e.status != "new" for e in report.entries), [e.target for e in report.entries if e.status == "new"]
+    reference = transformers.BertModel.from_pretrained(minilm_dir).eval()
+    ids = torch.randint(0, 30522, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).last_hidden_state
+        got = port(ids)[0]
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), float((got - expected).abs().max())
+    truth = {e.target: e.source for e in report.entries}
+    bare = tg.transfer(minilm_dir / "model.safetensors", TorchBert(30522, 384, 6, 12, 1536, 512).eval(),
+                       source_model=None)
+    misplaced = [(e.target, e.source) for e in bare.entries if e.status != "new" and truth[e.target] != e.source]
+    assert misplaced == []
+    assert all(e.note for e in bare.entries if e.status == "new")

@@ -52,10 +52,10 @@ def first_use(model: nn.Module, inputs: dict) -> list[str]:
 def output(model: nn.Module, inputs: dict) -> torch.Tensor:
     with torch.no_grad():
         y = model(**inputs)
-    for attr in ("logits", "pooler_output", "last_hidden_state"):
+    for attr in ("logits", "last_hidden_state"):
         if getattr(y, attr, None) is not None:
             return getattr(y, attr)
-    return y
+    return y[0] if isinstance(y, tuple) else y
 
 
 def load_by(mapping: dict[str, str], source: dict[str, torch.Tensor], model: nn.Module) -> None:

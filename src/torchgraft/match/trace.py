@@ -86,8 +86,8 @@ def example_inputs(model: nn.Module, input_shape: tuple[int, ...] | None = None)
 
     A given `input_shape` wins. Otherwise: a Hugging Face config (`image_size` and `num_channels` give
     `pixel_values`; a `vocab_size` gives `input_ids` of 8 tokens); timm's `pretrained_cfg["input_size"]`;
-    torchvision's `image_size` attribute (ViT); else the first convolution's input channels at 224 x 224, or a
-    linear layer's input features.
+    torchvision's `image_size` attribute (ViT); else the first convolution's input channels at 224 x 224, a
+    linear layer's input features, or 8 token ids when an embedding comes first.
     """
     if input_shape is not None:
         return (torch.empty(*input_shape, device="meta"),), {}
@@ -100,7 +100,8 @@ def example_inputs(model: nn.Module, input_shape: tuple[int, ...] | None = None)
             return (), {"pixel_values": torch.empty(1, channels, h, w, device="meta")}
         if getattr(config, "vocab_size", None):
             return (), {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}
-    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
+    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding))),
+                 None)
     size = next((getattr(m, name) for m in model.modules() for name in IMAGE_SIZE_ATTRIBUTES
                  if isinstance(getattr(m, name, None), (int, tuple, list))), None)
     cfg = getattr(model, "pretrained_cfg", None)
@@ -113,6 +114,8 @@ def example_inputs(model: nn.Module, input_shape: tuple[int, ...] | None = None)
         return (torch.empty(1, first.in_channels, *spatial, device="meta"),), {}
     if isinstance(first, nn.Linear):
         return (torch.empty(1, first.in_features, device="meta"),), {}
+    if isinstance(first, nn.Embedding):  # a text model written by hand: token ids
+        return (torch.zeros(1, 8, dtype=torch.long, device="meta"),), {}
     raise ValueError("no input shape is known for this model (no convolution or linear layer to read it from)")
 
 
