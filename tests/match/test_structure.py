@@ -628,7 +628,7 @@ def test_a_norm_registered_after_the_attention_is_not_loaded_into_the_next_block
     wrong = [(target[m.target].name, source[m.source].name) for m in matches if m.source is not None
              and source[m.source].name.split(".")[1] != target[m.target].name.split(".")[1]]
     assert wrong, "the positional alignment alone crosses blocks (else this test shows nothing)"
-    refused, settled = structure.check_blocks(source, target, matches)
+    refused, settled, _ = structure.check_blocks(source, target, matches)
     kept = {target[m.target].name: source[m.source].name for m in matches
             if m.source is not None and m.target not in refused}
     assert all(t.split(".")[1] == s.split(".")[1] for t, s in kept.items()), kept
@@ -646,7 +646,7 @@ def test_a_block_split_in_two_by_the_other_library_is_not_refused():
     target = _block_groups([f"features.{i}.{j}.{n}" for i in range(2) for j in range(2) for n in ("conv", "norm")])
     matches = align(source, target)
     assert all(m.source is not None for m in matches)
-    refused, _ = structure.check_blocks(source, target, matches)
+    refused, _, _ = structure.check_blocks(source, target, matches)
     assert refused == {}
 
 
@@ -656,5 +656,31 @@ def test_an_ambiguity_is_settled_in_its_block_only_when_every_other_candidate_be
     source = _block_groups(["proj", "stack.0.0", "stack.0.norm1"])
     target = _block_groups(["out", "body.a.norm1"])
     matches = align(source, target)
-    _, settled = structure.check_blocks(source, target, matches)
+    _, settled, _ = structure.check_blocks(source, target, matches)
     assert 0 not in settled
+
+
+def test_the_data_flow_tells_a_shortcut_from_the_main_path():
+    """Both blocks have a 1x1 shortcut and a 1x1 first convolution of one shape; the source runs its shortcut
+    first, the target last, so position cannot tell them apart. The main path's convolution feeds the 3x3."""
+    def group(name, shape):
+        return Group(name, (("weight", shape),))
+
+    source = [group("stem", (8, 3, 3, 3)), group("b.proj", (16, 8, 1, 1)), group("b.a", (16, 8, 1, 1)),
+              group("b.b", (16, 16, 3, 3)), group("head", (10, 16))]
+    target = [group("entry", (8, 3, 3, 3)), group("blk.conv1", (16, 8, 1, 1)), group("blk.conv2", (16, 16, 3, 3)),
+              group("blk.down", (16, 8, 1, 1)), group("fc", (10, 16))]
+    source_flow = {"stem": {"b.proj", "b.a"}, "b.a": {"b.b"}, "b.b": {"head"}, "b.proj": {"head"}}
+    target_flow = {"entry": {"blk.conv1", "blk.down"}, "blk.conv1": {"blk.conv2"}, "blk.conv2": {"fc"},
+                   "blk.down": {"fc"}}
+    matches = align(source, target)
+    open_ = [target[m.target].name for m in matches if m.source is None]
+    assert "blk.conv1" in open_ and "blk.down" in open_  # order alone does not settle them
+    trusted = [m.target for m in matches if m.source is not None]
+    regions = [(list(range(len(source))), list(range(len(target))))]
+    settled = structure.settle_by_flow(source, target, matches, source_flow, target_flow, trusted, regions)
+    assert {target[t].name: source[s].name for t, s in settled.items()} == {"blk.conv1": "b.a", "blk.down": "b.proj"}
+    # with no neighbour to go by, nothing is settled
+    assert structure.settle_by_flow(source, target, matches, {}, {}, trusted, regions) == {}
+    # nor outside the regions of corresponding blocks
+    assert structure.settle_by_flow(source, target, matches, source_flow, target_flow, trusted, []) == {}

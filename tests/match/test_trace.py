@@ -78,3 +78,14 @@ def test_a_hand_written_text_model_is_traced_with_token_ids():
     assert trace.ok, trace.note
     assert trace.order.index("mix.weight") < trace.order.index("out.weight")  # run order, not registration
     assert "(1, 8)" in trace.note
+
+
+def test_the_trace_records_which_module_feeds_which():
+    import torchvision
+
+    flow = execution_order(torchvision.models.resnet18()).flow
+    assert flow["layer2.0.conv1"] == {"layer2.0.bn1"}
+    # a block's input reaches its main path and its shortcut; both reach the next block, through the addition
+    assert {"layer2.0.conv1", "layer2.0.downsample.0"} <= flow["layer1.1.bn2"]
+    assert "layer2.1.conv1" in flow["layer2.0.bn2"] and "layer2.1.conv1" in flow["layer2.0.downsample.1"]
+    assert "layer2.0.conv1" not in flow.get("layer2.0.downsample.0", set())

@@ -63,6 +63,7 @@ from torchgraft.match.structure import (
     groups_from_keys,
     natural_order,
     order_known,
+    settle_by_flow,
     signature,
     tensor_pairs,
 )
@@ -97,7 +98,8 @@ class Step:
     """The adapter's arguments, all that applying it needs."""
     note: str = ""
     candidates: list[str] = field(default_factory=list)
-    """Source modules a target could come from, when the evidence does not single one out."""
+    """Source modules a target could come from, when the evidence does not single one out (the first
+    `MAX_CANDIDATES`)."""
     cast: str | None = None
     """The dtype the value is placed in, when it differs from the source tensor's."""
 
@@ -361,6 +363,11 @@ class _Pending:
     note: str
 
 
+#: The most candidate source modules a step that stays new lists (a stack of identical blocks makes every block
+#: a candidate for every other).
+MAX_CANDIDATES = 8
+
+
 class State:
     """What the stages share: both sides' shapes, the steps decided so far, and the source tensors used."""
 
@@ -388,6 +395,8 @@ class State:
         self.target_order: list[str] | None = None
         self.virtual_targets: dict[str, list[Group]] = {}  # virtual fused group -> the separate projections
         self.source_order: list[str] | None = None
+        self.target_flow: dict[str, set[str]] | None = None  # module -> modules its output feeds (traced)
+        self.source_flow: dict[str, set[str]] | None = None
 
     def free_targets(self) -> list[str]:
         return [k for k in self.tgt if k not in self.steps]
@@ -411,9 +420,11 @@ class State:
             self.steps[target] = Step(target, source, "new", method, how, note="(shape mismatch, pending)")
 
     def leave_new(self, group: Group, note: str, candidates: Sequence[str] = ()) -> None:
-        """Every tensor of `group` stays new (each separate projection, for a virtual fused group)."""
+        """Every tensor of `group` stays new (each separate projection, for a virtual fused group), with at most
+        `MAX_CANDIDATES` of its candidates (the note counts them all)."""
+        shown = list(candidates[:MAX_CANDIDATES])
         for member in self.virtual_targets.get(group.name, [group]):
-            self._leave_new(member, note, candidates)
+            self._leave_new(member, note, shown)
 
     def _leave_new(self, group: Group, note: str, candidates: Sequence[str]) -> None:
         for n, _ in group.tensors:
@@ -432,11 +443,12 @@ def trace(st: State) -> None:
         return
     st.traced = True
     found = execution_order(st.model, st.input_shape)
-    st.target_order = found.order
+    st.target_order, st.target_flow = found.order, found.flow
     st.notes.append(f"target {found.note}")
     if st.source_model is not None:
         traced = execution_order(st.source_model, st.input_shape)
         st.notes.append(f"source model {traced.note}")
+        st.source_flow = traced.flow
         if traced.order is not None:
             st.source_order = [k for k in traced.order if k in st.src] + [k for k in st.src if k not in
                                                                           set(traced.order)]
@@ -563,12 +575,23 @@ def structure(st: State) -> None:
     known = {(step.source.rpartition(".")[0], k.rpartition(".")[0]) for k, step in st.steps.items()
              if step.action != "new" and isinstance(step.source, str)}
     evidenced = [m for m in matches if m.target not in short]
-    off_block, settled = check_blocks(src_groups, tgt_groups, evidenced, known, cut_at_anchors=cut_at_anchors)
+    off_block, settled, regions = check_blocks(src_groups, tgt_groups, evidenced, known,
+                                               cut_at_anchors=cut_at_anchors)
+    how = dict.fromkeys(settled, "aligned in block")
+    if st.source_flow and st.target_flow:  # both traced: neighbours along the data flow settle the rest
+        trusted = [m.target for m in evidenced if m.source is not None and m.target not in off_block]
+        trusted += [t for t in settled if t not in off_block]
+        current = [GroupMatch(m.target, settled[m.target], [], how[m.target]) if m.target in settled else m
+                   for m in matches]
+        for t, s in settle_by_flow(src_groups, tgt_groups, current, st.source_flow, st.target_flow, trusted,
+                                   regions).items():
+            off_block.pop(t, None)
+            settled[t], how[t] = s, "data flow"
     if settled:
-        matches = [GroupMatch(m.target, settled[m.target], [], "aligned in block") if m.target in settled else m
+        matches = [GroupMatch(m.target, settled[m.target], [], how[m.target]) if m.target in settled else m
                    for m in matches]
         if not order_lost:
-            short = _short_runs(matches, len(src_groups), len(tgt_groups))
+            short = _short_runs(matches, len(src_groups), len(tgt_groups)) - {t for t in how if how[t] == "data flow"}
     for m in matches:
         tg = tgt_groups[m.target]
         if m.target in off_block:

@@ -61,6 +61,7 @@ __all__ = [
     "groups_from_model",
     "natural_order",
     "order_known",
+    "settle_by_flow",
     "signature",
     "tensor_pairs",
 ]
@@ -264,9 +265,10 @@ def block_of(module: str, containers: set[str]) -> str:
 
 def check_blocks(source: Sequence[Group], target: Sequence[Group], matches: Sequence[GroupMatch],
                  known: Iterable[tuple[str, str]] = (), *, cut_at_anchors: bool = True
-                 ) -> tuple[dict[int, str], dict[int, int]]:
-    """Matches that break the block structure, as target group index -> why it must not be loaded; and
-    ambiguous target groups the block structure settles, as target index -> source index.
+                 ) -> tuple[dict[int, str], dict[int, int], list[tuple[list[int], list[int]]]]:
+    """Matches that break the block structure, as target group index -> why it must not be loaded; ambiguous
+    target groups the block structure settles, as target index -> source index; and the regions of
+    corresponding blocks, each as (source indices, target indices).
 
     The matched pairs (with `known`, module pairs settled earlier, e.g. by name) vote for a correspondence of
     numbered blocks (`block_of`): a source block corresponds to the target blocks that most of its pairs land
@@ -339,7 +341,83 @@ def check_blocks(source: Sequence[Group], target: Sequence[Group], matches: Sequ
                 refused[j] = (f"within block {tb[j] or '(root)'}, fits source modules {', '.join(others)} equally "
                               "well (the file's order of a block's modules need not be the order they run in); "
                               "give the source model to align both in execution order, or add a rename rule")
-    return refused, settled
+    return refused, settled, [part for part in parts.values() if part[0] and part[1]]
+
+
+def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Sequence[GroupMatch],
+                   source_flow: Mapping[str, set[str]], target_flow: Mapping[str, set[str]],
+                   trusted: Iterable[int], regions: Sequence[tuple[list[int], list[int]]]) -> dict[int, int]:
+    """Target groups left without a source (ambiguous, unmatched or refused) that the data flow settles, as
+    target index -> source index; the candidates are the unpaired source groups of the same signature.
+
+    With both models traced, each module's producers and consumers are known (`Trace.flow`). A candidate
+    source module fits a target module when every paired neighbour of the target — a module feeding it or fed
+    by it, paired by a `trusted` match (target indices) or settled here — is paired with a neighbour of the
+    candidate in the same direction; a target with at least one paired neighbour takes its candidate when it
+    is the only one that fits and no other target takes it too. The new pairs are neighbours of others in
+    turn, until nothing changes. This tells a block's shortcut from its main path when both are 1x1
+    convolutions of one shape: the main one feeds the 3x3 convolution. A neighbour missing from a trace only
+    removes evidence; a neighbour that disagrees rules a candidate out.
+
+    Candidates come only from the target's own region of corresponding blocks (`check_blocks`): a look-alike
+    block inserted before another is as consistent with its neighbours as the block it copies, and only the
+    blocks already tied by other pairs tell them apart. Outside every region nothing is settled.
+    """
+    region_of_source = {i: r for r, (s_local, _) in enumerate(regions) for i in s_local}
+    region_of_target = {j: r for r, (_, t_local) in enumerate(regions) for j in t_local}
+    def index(groups: Sequence[Group]) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        for i, g in enumerate(groups):
+            seen[g.name] = -1 if g.name in seen else i  # a name with several groups is not a node
+        return {n: i for n, i in seen.items() if i >= 0}
+
+    def edges(flow: Mapping[str, set[str]], at: dict[str, int]) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
+        succ: dict[int, set[int]] = defaultdict(set)
+        pred: dict[int, set[int]] = defaultdict(set)
+        for a, bs in flow.items():
+            for b in bs:
+                if a in at and b in at:
+                    succ[at[a]].add(at[b])
+                    pred[at[b]].add(at[a])
+        return succ, pred
+
+    s_succ, s_pred = edges(source_flow, index(source))
+    t_succ, t_pred = edges(target_flow, index(target))
+    pair = {m.target: m.source for m in matches if m.source is not None}
+    pair = {t: pair[t] for t in trusted if t in pair}
+    used = set(pair.values())
+    by_signature: dict[Signature, set[int]] = defaultdict(set)
+    for i, g in enumerate(source):
+        if i not in used:
+            by_signature[signature(g)].add(i)
+    open_ = {j: {i for i in by_signature.get(signature(g), ())
+                 if compatible(source[i], g) and region_of_source.get(i) == region_of_target[j]}
+             for j, g in enumerate(target) if j not in pair and j in region_of_target}
+    open_ = {j: c for j, c in open_.items() if c}
+    settled: dict[int, int] = {}
+    while open_:
+        choice: dict[int, int] = {}
+        for t, candidates in open_.items():
+            after = {pair[x] for x in t_succ.get(t, ()) if x in pair}
+            before = {pair[x] for x in t_pred.get(t, ()) if x in pair}
+            if not after and not before:
+                continue
+            # every paired neighbour must be the candidate's neighbour in the same direction
+            fits = [c for c in candidates - used
+                    if after <= s_succ.get(c, set()) and before <= s_pred.get(c, set())]
+            if len(fits) == 1:
+                choice[t] = fits[0]
+        wanted = defaultdict(list)
+        for t, c in choice.items():
+            wanted[c].append(t)
+        won = {ts[0]: c for c, ts in wanted.items() if len(ts) == 1}
+        if not won:
+            break
+        for t, c in won.items():
+            pair[t] = settled[t] = c
+            used.add(c)
+            del open_[t]
+    return settled
 
 
 def _best_votes(votes: Mapping[tuple[str, str], int], side: int) -> dict[str, set[str]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["Trace", "execution_order", "example_inputs", "reorder"]
@@ -35,37 +36,129 @@ class Trace:
     right after the key registered before it."""
     note: str
     """How the order was found, or why it could not be ("traced on the meta device with input (1, 3, 224, 224)")."""
+    flow: dict[str, set[str]] | None = None
+    """Data flow between modules: module -> the modules whose tensors were used on a value computed from its
+    output (through operations without tensors of their own: activations, additions, reshapes)."""
 
     @property
     def ok(self) -> bool:
         return self.order is not None
 
 
+def _empty(shape: Any, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device)
+
+
+def _like_input(input: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+    return _empty(input.shape, input)
+
+
+def _activation(input: torch.Tensor, *args: Any, inplace: bool = False, **__: Any) -> torch.Tensor:
+    inplace = inplace or bool(args and args[-1] is True)
+    return input if inplace else _empty(input.shape, input)
+
+
+def _dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    return input if inplace else _empty(input.shape, input)
+
+
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _empty((*input.shape[:-1], weight.shape[0]), input)
+
+
+def _embedding(input: torch.Tensor, weight: torch.Tensor, *_: Any, **__: Any) -> torch.Tensor:
+    return _empty((*input.shape, weight.shape[-1]), weight)
+
+
+def _elementwise(a: Any, b: Any, *_: Any, **__: Any) -> torch.Tensor:
+    tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]
+    return _empty(torch.broadcast_shapes(*(t.shape for t in tensors)), tensors[0], torch.result_type(a, b))
+
+
+#: Operations whose result has an obvious shape, so the trace makes an empty tensor of that shape instead of
+#: running them: on the meta device torch computes most shapes through Python decompositions, from 0.1 to 1
+#: millisecond an operation, which was most of a trace's time. (In-place forms keep their input.)
+_SHAPE_ONLY: dict[Any, Any] = {
+    F.linear: _linear,
+    F.layer_norm: _like_input,
+    F.batch_norm: _like_input,
+    F.group_norm: _like_input,
+    F.embedding: _embedding,
+    F.relu: _activation, F.silu: _activation, F.hardswish: _activation, F.hardsigmoid: _activation,
+    F.relu6: _activation, F.gelu: _like_input, torch.sigmoid: _like_input, torch.Tensor.sigmoid: _like_input,
+    torch.tanh: _like_input, F.dropout: _dropout,
+    **dict.fromkeys((torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.mul,
+                     torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.sub, torch.Tensor.sub,
+                     torch.Tensor.__sub__), _elementwise),
+}
+
+
 class _FirstUse(TorchFunctionMode):
+    """Records the first use of each state tensor, and which modules' outputs flow into which modules.
+
+    Every value computed is tagged with the modules it comes from: those whose tensors the operation used; for
+    an operation without tensors of its own, its input's tag when it has one input (an activation, a reshape),
+    or, where several values meet (an addition, a product, a concatenation), the union of the tags of the
+    inputs that are not themselves such a meeting — so a residual stream is tagged with the branches just added
+    to it, not with every block before it, and the tags stay small.
+    """
+
     def __init__(self, keys: Mapping[int, str]) -> None:
         super().__init__()
         self.keys = keys
         self.order: list[str] = []
         self._seen: set[str] = set()
+        self.flow: dict[str, set[str]] = {}
+        self._tags: dict[int, tuple[frozenset[str], bool]] = {}  # id of a value -> (its modules, a meeting?)
+        self._alive: list[torch.Tensor] = []  # tagged values kept, so that no id is reused while tracing
 
-    def _visit(self, value: Any) -> None:
+    def _visit(self, value: Any, used: set[str], inputs: dict[int, tuple[frozenset[str], bool]]) -> None:
         if isinstance(value, torch.Tensor):
             key = self.keys.get(id(value))
-            if key is not None and key not in self._seen:
+            if key is None:
+                tag = self._tags.get(id(value))
+                if tag is not None:
+                    inputs[id(tag)] = tag
+                return
+            used.add(key.rpartition(".")[0])
+            if key not in self._seen:
                 self._seen.add(key)
                 self.order.append(key)
         elif isinstance(value, (list, tuple)):
             for item in value:
-                self._visit(item)
+                self._visit(item, used, inputs)
         elif isinstance(value, dict):
             for item in value.values():
-                self._visit(item)
+                self._visit(item, used, inputs)
+
+    def _tag(self, value: Any, tag: tuple[frozenset[str], bool]) -> None:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in self.keys:
+                self._tags[id(value)] = tag
+                self._alive.append(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self._tag(item, tag)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
         kwargs = kwargs or {}
-        self._visit(args)
-        self._visit(kwargs)
-        return func(*args, **kwargs)
+        used: set[str] = set()
+        inputs: dict[int, tuple[frozenset[str], bool]] = {}
+        self._visit(args, used, inputs)
+        self._visit(kwargs, used, inputs)
+        shortcut = _SHAPE_ONLY.get(func)
+        out = shortcut(*args, **kwargs) if shortcut is not None else func(*args, **kwargs)
+        if used:
+            for modules, _ in inputs.values():
+                for producer in modules - used:
+                    self.flow.setdefault(producer, set()).update(used)
+            self._tag(out, (frozenset(used), False))
+        elif len(inputs) == 1:
+            self._tag(out, next(iter(inputs.values())))
+        elif inputs:
+            fresh = [modules for modules, met in inputs.values() if not met]
+            self._tag(out, (frozenset().union(*(fresh or [m for m, _ in inputs.values()])), True))
+        return out
 
 
 #: Attributes under which models and their patch embeddings keep the image size they were built for
@@ -127,9 +220,11 @@ def execution_order(model: nn.Module, input_shape: tuple[int, ...] | None = None
     except ValueError as exc:
         return Trace(None, f"not traced: {exc}; aligned in registration order (pass an input shape)")
     copies: dict[int, torch.Tensor] = {}  # id of a tensor -> its meta copy (tied tensors share one)
-    tensors = {name: copies.setdefault(id(t), torch.empty_like(t, device="meta"))
-               for name, t in [*model.named_parameters(remove_duplicate=False),
-                               *model.named_buffers(remove_duplicate=False)]}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if id(t) not in copies:
+            copies[id(t)] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+        tensors[name] = copies[id(t)]
     keys: dict[int, str] = {}  # id of a meta copy -> the first state dict key that holds it
     for key, t in state.items():
         if id(t) in copies:
@@ -150,7 +245,7 @@ def execution_order(model: nn.Module, input_shape: tuple[int, ...] | None = None
             m.training = training
     used = recorder.order
     return Trace(reorder(list(state), used), f"traced on the meta device with input {shape}: {len(used)} of "
-                                             f"{len(state)} tensors used")
+                                             f"{len(state)} tensors used", recorder.flow)
 
 
 def reorder(registered: list[str], used: list[str]) -> list[str]:
