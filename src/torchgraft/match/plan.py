@@ -397,6 +397,8 @@ class State:
         self.source_order: list[str] | None = None
         self.target_flow: dict[str, set[str]] | None = None  # module -> modules its output feeds (traced)
         self.source_flow: dict[str, set[str]] | None = None
+        self.target_joined: set[tuple[str, str]] = set()  # flow edges only through a residual addition
+        self.source_joined: set[tuple[str, str]] = set()
 
     def free_targets(self) -> list[str]:
         return [k for k in self.tgt if k not in self.steps]
@@ -443,12 +445,12 @@ def trace(st: State) -> None:
         return
     st.traced = True
     found = execution_order(st.model, st.input_shape)
-    st.target_order, st.target_flow = found.order, found.flow
+    st.target_order, st.target_flow, st.target_joined = found.order, found.flow, found.joined
     st.notes.append(f"target {found.note}")
     if st.source_model is not None:
         traced = execution_order(st.source_model, st.input_shape)
         st.notes.append(f"source model {traced.note}")
-        st.source_flow = traced.flow
+        st.source_flow, st.source_joined = traced.flow, traced.joined
         if traced.order is not None:
             st.source_order = [k for k in traced.order if k in st.src] + [k for k in st.src if k not in
                                                                           set(traced.order)]
@@ -584,7 +586,7 @@ def structure(st: State) -> None:
         current = [GroupMatch(m.target, settled[m.target], [], how[m.target]) if m.target in settled else m
                    for m in matches]
         for t, s in settle_by_flow(src_groups, tgt_groups, current, st.source_flow, st.target_flow, trusted,
-                                   regions).items():
+                                   regions, st.source_joined, st.target_joined).items():
             off_block.pop(t, None)
             settled[t], how[t] = s, "data flow"
     if settled:

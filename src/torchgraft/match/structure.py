@@ -217,6 +217,10 @@ def fuse_projections(groups: Sequence[Group]) -> tuple[list[Group], dict[str, li
     virtual: dict[str, list[Group]] = {}
     i = 0
     while i < len(groups):
+        if groups[i].name.rpartition(".")[2] not in PROJECTION_PARTS:
+            out.append(groups[i])
+            i += 1
+            continue
         for order in FUSED_ORDERS:
             run = list(groups[i:i + len(order)])
             if len(run) == len(order) and _projection_run(run, order):
@@ -346,7 +350,9 @@ def check_blocks(source: Sequence[Group], target: Sequence[Group], matches: Sequ
 
 def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Sequence[GroupMatch],
                    source_flow: Mapping[str, set[str]], target_flow: Mapping[str, set[str]],
-                   trusted: Iterable[int], regions: Sequence[tuple[list[int], list[int]]]) -> dict[int, int]:
+                   trusted: Iterable[int], regions: Sequence[tuple[list[int], list[int]]],
+                   source_joined: set[tuple[str, str]] = frozenset(),
+                   target_joined: set[tuple[str, str]] = frozenset()) -> dict[int, int]:
     """Target groups left without a source (ambiguous, unmatched or refused) that the data flow settles, as
     target index -> source index; the candidates are the unpaired source groups of the same signature.
 
@@ -358,6 +364,10 @@ def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Se
     turn, until nothing changes. This tells a block's shortcut from its main path when both are 1x1
     convolutions of one shape: the main one feeds the 3x3 convolution. A neighbour missing from a trace only
     removes evidence; a neighbour that disagrees rules a candidate out.
+
+    An edge that passes only through a meeting of values (`Trace.joined`: a residual addition) is another kind
+    of neighbour than a direct one, and kinds must agree: the stem feeds the first block directly but the
+    second only through its shortcut.
 
     Candidates come only from the target's own region of corresponding blocks (`check_blocks`): a look-alike
     block inserted before another is as consistent with its neighbours as the block it copies, and only the
@@ -371,18 +381,20 @@ def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Se
             seen[g.name] = -1 if g.name in seen else i  # a name with several groups is not a node
         return {n: i for n, i in seen.items() if i >= 0}
 
-    def edges(flow: Mapping[str, set[str]], at: dict[str, int]) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
-        succ: dict[int, set[int]] = defaultdict(set)
-        pred: dict[int, set[int]] = defaultdict(set)
+    def edges(flow: Mapping[str, set[str]], joined: set[tuple[str, str]], at: dict[str, int]
+              ) -> tuple[dict[int, set[tuple[int, bool]]], dict[int, set[tuple[int, bool]]]]:
+        succ: dict[int, set[tuple[int, bool]]] = defaultdict(set)
+        pred: dict[int, set[tuple[int, bool]]] = defaultdict(set)
         for a, bs in flow.items():
             for b in bs:
                 if a in at and b in at:
-                    succ[at[a]].add(at[b])
-                    pred[at[b]].add(at[a])
+                    met = (a, b) in joined
+                    succ[at[a]].add((at[b], met))
+                    pred[at[b]].add((at[a], met))
         return succ, pred
 
-    s_succ, s_pred = edges(source_flow, index(source))
-    t_succ, t_pred = edges(target_flow, index(target))
+    s_succ, s_pred = edges(source_flow, set(source_joined), index(source))
+    t_succ, t_pred = edges(target_flow, set(target_joined), index(target))
     pair = {m.target: m.source for m in matches if m.source is not None}
     pair = {t: pair[t] for t in trusted if t in pair}
     used = set(pair.values())
@@ -398,8 +410,8 @@ def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Se
     while open_:
         choice: dict[int, int] = {}
         for t, candidates in open_.items():
-            after = {pair[x] for x in t_succ.get(t, ()) if x in pair}
-            before = {pair[x] for x in t_pred.get(t, ()) if x in pair}
+            after = {(pair[x], met) for x, met in t_succ.get(t, ()) if x in pair}
+            before = {(pair[x], met) for x, met in t_pred.get(t, ()) if x in pair}
             if not after and not before:
                 continue
             # every paired neighbour must be the candidate's neighbour in the same direction
