@@ -278,3 +278,21 @@ def test_cli_verify_refuses_what_it_cannot_verify(tmp_path, capsys):
     code = main(["transfer", str(tmp_path / "r18.pth"), "--model", "timm:resnet18", "--dry-run", "--input-shape",
                  "1,x"])
     assert code == 1 and "--input-shape '1,x': expected positive integers" in capsys.readouterr().err
+
+
+def test_a_module_left_unplaced_names_what_it_resembles():
+    """A bare Hugging Face ViT file (its blocks store the norms after the attention) into timm: the first
+    norm of a block stays new, and its note names the source norms it resembles, not "no source tensor
+    matches"."""
+    transformers = pytest.importorskip("transformers")
+    timm = pytest.importorskip("timm")
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                    hidden_size=64, intermediate_size=128)
+    source = transformers.ViTForImageClassification(config).state_dict()
+    target = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=2,
+                               embed_dim=64, mlp_ratio=2.0, global_pool="token")
+    result = plan(source, target)
+    step = result.step("blocks.0.norm1.weight")
+    assert step.action == "new"
+    assert step.note.startswith("resembles source modules"), step.note
+    assert any("layernorm" in c for c in step.candidates)

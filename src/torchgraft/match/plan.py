@@ -594,6 +594,7 @@ def structure(st: State) -> None:
                    for m in matches]
         if not order_lost:
             short = _short_runs(matches, len(src_groups), len(tgt_groups)) - {t for t in how if how[t] == "data flow"}
+    unplaced: list[Group] = []  # unmatched target groups: explained once the stage has used what it loads
     for m in matches:
         tg = tgt_groups[m.target]
         if m.target in off_block:
@@ -605,6 +606,8 @@ def structure(st: State) -> None:
                 more = f" and {len(names) - 4} more" if len(names) > 4 else ""
                 st.leave_new(tg, f"ambiguous: fits source modules {', '.join(names[:4])}{more} equally well; add a "
                                  "rename rule to choose", names)
+            else:
+                unplaced.append(tg)
             continue
         sg = src_groups[m.source]
         if m.how == "aligned+names" and _local(sg.name) != _local(tg.name):
@@ -635,6 +638,25 @@ def structure(st: State) -> None:
         for s_name, t_name in tensor_pairs(sg, tg):  # shapes may differ in size-1 dimensions: `reshape`
             st.pair(_join(tg.name, t_name), _join(sg.name, s_name), "structure", m.how,
                     note=f"module {sg.name or '(root)'} -> {tg.name or '(root)'} ({m.how})")
+    _explain_unplaced(st, unplaced, src_groups)
+
+
+def _explain_unplaced(st: State, groups: list[Group], src_groups: list[Group]) -> None:
+    """Target groups no alignment placed, while source groups of the same shapes are still unused: say which
+    they resemble, so that "no source tensor matches" is never said of a module that has look-alikes."""
+    if not groups:
+        return
+    free: dict[Any, list[str]] = {}
+    for g in src_groups:
+        if all(_join(g.name, n) not in st.used for n, _ in g.tensors):
+            free.setdefault(signature(g), []).append(g.name or "(root)")
+    how = "" if st.source_model is not None else "give the source model (both traced, their data flow compared) or "
+    for tg in groups:
+        names = free.get(signature(tg))
+        if names:
+            more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+            st.leave_new(tg, f"resembles source modules {', '.join(names[:4])}{more} (same shapes), but neither "
+                             f"their order nor their neighbours place one here; {how}add a rename rule", names)
 
 
 #: The fewest consecutive module pairs (consecutive in both models' execution order) that make structural
