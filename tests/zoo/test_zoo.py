@@ -173,6 +173,19 @@ def _hf_bert():
         max_position_embeddings=32, type_vocab_size=2, hidden_act="gelu"))
 
 
+def _hf_beit():
+    transformers = pytest.importorskip("transformers")
+    return transformers.BeitForImageClassification(transformers.BeitConfig(
+        image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2, hidden_size=64,
+        intermediate_size=128, use_relative_position_bias=False, use_absolute_position_embeddings=True,
+        layer_scale_init_value=0.1, use_mean_pooling=True, num_labels=1000))
+
+
+def _timm_beit():
+    return timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, num_heads=2, embed_dim=64,
+                             mlp_ratio=2.0, use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=0.1)
+
+
 TOKENS = {"input_ids": torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(1))}
 VIT = {"x": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
 HF_VIT = {"pixel_values": VIT["x"]}
@@ -195,6 +208,8 @@ BY_FUNCTION = {
                                           lambda: timm.create_model("regnety_004"), IMG),
     "regnety-400mf timm -> torchvision": (lambda: timm.create_model("regnety_004"), IMG,
                                           lambda: torchvision.models.regnet_y_400mf(), IMG),
+    "beit transformers -> timm (no k bias)": (_hf_beit, HF_VIT, _timm_beit, VIT),
+    "beit timm -> transformers (no k bias)": (_timm_beit, VIT, _hf_beit, HF_VIT),
     "bert transformers -> torch layers (hand-written)": (_hf_bert, TOKENS, TorchBert, TOKENS),
     "bert torch layers (hand-written) -> transformers": (TorchBert, TOKENS, _hf_bert, TOKENS),
 }

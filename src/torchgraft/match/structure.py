@@ -137,6 +137,10 @@ NAME_FAMILIES = {
     "class_token": "cls_token",
     "pos_embedding": "pos_embed", "position_embeddings": "pos_embed",
     "in_proj_weight": "weight", "in_proj_bias": "bias",  # torch's MultiheadAttention: a fused [Q; K; V]
+    # a fused projection whose parts do not all have a bias keeps the others on its attention module (timm's
+    # BEiT, EVA: q_bias, v_bias, no k bias); the separate side has them on its q and v projections
+    "q_bias": "bias", "k_bias": "bias", "v_bias": "bias",
+    "lambda_1": "gamma_1", "lambda_2": "gamma_2",  # per-branch layer scale (timm's gamma_1 / Hugging Face's)
 }
 
 #: Module names of separate attention projections, by the part of a blocked [Q; K; V] each holds. Separate
@@ -200,7 +204,8 @@ def split_containers(groups: Sequence[Group]) -> list[Group]:
     out: list[Group] = []
     for g in groups:
         if g.name in containers and len(g.tensors) > 1:
-            paired = tuple(t for t in g.tensors if family(t[0]) in ("weight", "bias"))  # a fused in_proj's pair
+            weighted = any(family(t[0]) == "weight" for t in g.tensors)
+            paired = tuple(t for t in g.tensors if weighted and family(t[0]) in ("weight", "bias"))  # in_proj's
             if paired:
                 out.append(Group(g.name, paired, g.kind))
             out.extend(Group(g.name, (t,), g.kind) for t in g.tensors if t not in paired)
@@ -212,7 +217,9 @@ def split_containers(groups: Sequence[Group]) -> list[Group]:
 def fuse_projections(groups: Sequence[Group]) -> tuple[list[Group], dict[str, list[Group]]]:
     """Groups with each run of separate projections (`PROJECTION_PARTS`, in a `FUSED_ORDERS` order, siblings
     with equal tensors: weight `(D, I)`, bias `(D,)`) replaced by one virtual group as a blocked fused one would
-    be (weight `(k*D, I)`), placed where the first stood; and virtual name -> the groups it stands for."""
+    be (weight `(k*D, I)`), placed where the first stood; and virtual name -> the groups it stands for. When only
+    some parts have a bias (no k bias), the virtual group is the weight alone, after one group per bias: a fused
+    model keeps those biases as tensors of their own (`q_bias`, `v_bias`, the `NAME_FAMILIES` of `bias`)."""
     out: list[Group] = []
     virtual: dict[str, list[Group]] = {}
     i = 0
@@ -226,9 +233,18 @@ def fuse_projections(groups: Sequence[Group]) -> tuple[list[Group], dict[str, li
             if len(run) == len(order) and _projection_run(run, order):
                 parent = run[0].name.rpartition(".")[0]
                 name = _join_name(parent, "{" + ",".join(g.name.rpartition(".")[2] for g in run) + "}")
-                fused = tuple((n, (shape[0] * len(order), *shape[1:])) for n, shape in run[0].tensors)
-                out.append(Group(name, fused))
-                virtual[name] = run
+                biased = [any(n == "bias" for n, _ in g.tensors) for g in run]
+                if all(biased) or not any(biased):
+                    fused = tuple((n, (shape[0] * len(order), *shape[1:])) for n, shape in run[0].tensors)
+                    out.append(Group(name, fused))
+                    virtual[name] = run
+                else:  # biases on some parts only (no k bias): the fused weight, and each bias on its own
+                    out.extend(Group(g.name, tuple(t for t in g.tensors if t[0] == "bias"), g.kind)
+                               for g, has in zip(run, biased) if has)
+                    weights = [Group(g.name, tuple(t for t in g.tensors if t[0] == "weight"), g.kind) for g in run]
+                    shape = weights[0].tensors[0][1]
+                    out.append(Group(name, (("weight", (shape[0] * len(order), *shape[1:])),)))
+                    virtual[name] = weights
                 i += len(order)
                 break
         else:
@@ -238,13 +254,21 @@ def fuse_projections(groups: Sequence[Group]) -> tuple[list[Group], dict[str, li
 
 
 def _projection_run(run: Sequence[Group], order: Sequence[str]) -> bool:
+    """Sibling projections in `order`, each a weight `(D, I)` of one shape with an optional bias `(D,)`."""
     parents = {g.name.rpartition(".")[0] for g in run}
     parts = [PROJECTION_PARTS.get(g.name.rpartition(".")[2]) for g in run]
     names = {g.name.rpartition(".")[2] for g in run}
-    shapes = {g.tensors for g in run}
-    return (len(parents) == 1 and tuple(parts) == tuple(order) and len(names) == len(run) and len(shapes) == 1
-            and {n for n, _ in run[0].tensors} <= {"weight", "bias"} and any(n == "weight" for n, _ in run[0].tensors)
-            and all(len(s) == 2 if n == "weight" else len(s) == 1 for n, s in run[0].tensors))
+    if not (len(parents) == 1 and tuple(parts) == tuple(order) and len(names) == len(run)):
+        return False
+    weights = set()
+    for g in run:
+        own = dict(g.tensors)
+        if set(own) - {"weight", "bias"} or len(own.get("weight", ())) != 2:
+            return False
+        if "bias" in own and own["bias"] != own["weight"][:1]:
+            return False
+        weights.add(own["weight"])
+    return len(weights) == 1
 
 
 def _join_name(module: str, name: str) -> str:
