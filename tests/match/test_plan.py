@@ -296,3 +296,57 @@ def test_a_module_left_unplaced_names_what_it_resembles():
     assert step.action == "new"
     assert step.note.startswith("resembles source modules"), step.note
     assert any("layernorm" in c for c in step.candidates)
+
+
+class _Separate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x):
+        return self.o(self.q(x) + self.k(x) + self.v(x))
+
+
+class _Fused(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.fused_name = name
+        self.add_module(name, nn.Linear(8, 24))
+        self.dense = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.dense(getattr(self, self.fused_name)(x)[..., :8])
+
+
+class _Net(nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.layers = nn.ModuleList(attention() for _ in range(2))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.layers[1](self.layers[0](self.stem(x))))
+
+
+@pytest.mark.parametrize("name, loads", [("qkv", True), ("query_key_value", False), ("fused_rows", False)])
+def test_a_fused_projection_is_split_or_joined_only_when_its_layout_is_known(name, loads):
+    """Blocked families (`qkv`) are joined from q, k, v; a head-interleaved one (`query_key_value`) stays new
+    (joining it blocked would put every row in the wrong place); an unknown one stays new with the rule that
+    loads it if it is blocked — and that rule does."""
+    source = _Net(_Separate).state_dict()
+    result = plan(source, _Net(lambda: _Fused(name)))
+    step = result.step(f"layers.0.{name}.weight")
+    assert (step.action == "load") is loads, step
+    if name == "query_key_value":
+        assert "interleaves its heads" in step.note
+    if name == "fused_rows":
+        assert "does not know" in step.note and "merge: [{target: layers.0.fused_rows.weight" in step.note
+        rules = {"merge": [{"target": f"layers.{i}.fused_rows.{t}", "dim": 0,
+                            "sources": [f"layers.{i}.{p}.{t}" for p in "qkv"]} for i in range(2) for t in
+                           ("weight", "bias")]}
+        model = _Net(lambda: _Fused(name))
+        report = tg.transfer(source, model, rules=rules)
+        assert report.entry("layers.0.fused_rows.weight").status == "loaded"
+        expected = torch.cat([source[f"layers.0.{p}.weight"] for p in "qkv"])
+        assert torch.equal(model.state_dict()["layers.0.fused_rows.weight"], expected)

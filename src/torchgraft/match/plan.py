@@ -53,12 +53,14 @@ from torchgraft.io.read import Source, load
 from torchgraft.match.names import BENIGN_TENSORS, Rules, best_prefixes, is_benign, load_rules, under_prefix
 from torchgraft.match.trace import execution_order
 from torchgraft.match.structure import (
+    FUSED_LAYOUTS,
     Group,
     GroupMatch,
     align,
     ancestors,
     check_blocks,
     fuse_projections,
+    fused_layout,
     split_containers,
     groups_from_keys,
     natural_order,
@@ -668,6 +670,27 @@ def _take_projections(st: State, sg: Group, tg: Group, s_parts: list[Group] | No
                       how: str) -> None:
     """A fused projection paired with separate ones (or separate with separate): each separate target tensor
     takes its part of the fused source (`split`), a fused target takes the separate sources joined (`merge`)."""
+    fused = sg if t_parts is not None and s_parts is None else tg if s_parts is not None and t_parts is None \
+        else None
+    layout = fused_layout(fused) if fused is not None else "blocked"
+    if layout != "blocked":
+        parts = t_parts if t_parts is not None else s_parts or []
+        fused_keys = [_join(fused.name, n) for n, _ in fused.tensors]
+        part_keys = [_join(p.name, n) for p in parts for n, _ in p.tensors[:1]]
+        family = fused.name.rpartition(".")[2]
+        where = f"{'source ' if fused is sg else ''}module {fused.name}"
+        if layout == "heads":
+            note = (f"resembles {where}, a fused projection that interleaves its heads ({family!r}); no adapter "
+                    "cuts that layout yet, so it stays new")
+        else:
+            rule = (f"split: [{{source: {fused_keys[0]}, targets: [{', '.join(part_keys)}], dim: 0}}]"
+                    if fused is sg else
+                    f"merge: [{{target: {fused_keys[0]}, sources: [{', '.join(part_keys)}], dim: 0}}]")
+            note = (f"resembles {where}, a fused projection of a family torchgraft does not know ({family!r}; "
+                    f"known: {', '.join(sorted(FUSED_LAYOUTS))}); if its rows are [Q; K; V] one after another, "
+                    f"this rule loads it: {rule}")
+        st.leave_new(tg, note, [sg.name])
+        return
     note = f"module {sg.name} -> {tg.name} ({how}; blocked [Q; K; V] layout)"
     for s_name, t_name in tensor_pairs(sg, tg):
         if t_parts is not None and s_parts is not None:

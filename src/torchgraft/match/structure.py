@@ -56,6 +56,7 @@ __all__ = [
     "check_blocks",
     "compatible",
     "fuse_projections",
+    "fused_layout",
     "split_containers",
     "groups_from_keys",
     "groups_from_model",
@@ -153,6 +154,24 @@ PROJECTION_PARTS = {
     "v": "v", "value": "v", "v_proj": "v",
 }
 FUSED_ORDERS = (("q", "k", "v"), ("k", "v"))
+
+#: Fused projections by name family, and the layout of their rows: "blocked" is all of Q, then K, then V (timm's
+#: `qkv`, torch's MultiheadAttention `in_proj_weight`, GPT-2's `c_attn`, MosaicML's `Wqkv`); "heads" interleaves
+#: them head by head (GPT-NeoX's `query_key_value`: [h1 q, h1 k, h1 v, h2 q, ...]), which no adapter cuts yet.
+#: A fused projection of another name is not split or joined: its layout is unknown, and a rule says it.
+FUSED_LAYOUTS = {
+    "qkv": "blocked", "kv": "blocked", "in_proj": "blocked", "in_proj_weight": "blocked", "c_attn": "blocked",
+    "Wqkv": "blocked", "qkv_proj": "blocked", "query_key_value": "heads",
+}
+
+
+def fused_layout(group: Group) -> str | None:
+    """The row layout of a fused projection group (`FUSED_LAYOUTS`, by module name or, for a container's own
+    tensors, by tensor name), or None when its family is unknown."""
+    for local, _ in group.tensors:
+        if local in FUSED_LAYOUTS:
+            return FUSED_LAYOUTS[local]
+    return FUSED_LAYOUTS.get(group.name.rpartition(".")[2])
 
 
 def family(name: str) -> str:
