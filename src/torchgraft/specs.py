@@ -26,7 +26,7 @@ from typing import Any
 import torch.nn as nn
 
 from torchgraft.errors import SpecError
-from torchgraft.io.read import HF_WEIGHT_FILES
+from torchgraft.io.read import HF_WEIGHT_FILES, folder_config
 
 __all__ = ["build_model", "is_model_spec", "parse_kwargs", "source_spec", "torchvision_files"]
 
@@ -123,11 +123,8 @@ def source_spec(path: str | os.PathLike[str], metadata: dict[str, Any] | None = 
     """
     p = Path(path)
     config = (metadata or {}).get("config")
-    if config is None and p.name in HF_WEIGHT_FILES and (p.parent / "config.json").is_file():
-        try:  # the weights file of a Hugging Face folder, named instead of its folder
-            config = json.loads((p.parent / "config.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            config = None
+    if config is None and p.name in HF_WEIGHT_FILES:  # the weights file of a folder, named instead of the folder
+        config, _ = folder_config(p.parent)
     if isinstance(config, dict):
         folder = p if p.is_dir() else p.parent
         architectures = config.get("architectures")

@@ -138,14 +138,6 @@ USAGE = [
 ]
 
 
-@pytest.mark.parametrize("argv,needle", USAGE, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
-def test_usage_errors_exit_2_with_one_line(capsys, tmp_path, monkeypatch, argv, needle):
-    monkeypatch.chdir(tmp_path)
-    code, out, err = run(capsys, tmp_path, argv)
-    assert code == 2, err
-    assert_one_error_line(err, needle)
-
-
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     """A run folder as `graft finetune` starts it (config.yaml), for --resume."""
@@ -178,11 +170,12 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("argv,needle", BAD_INPUT, ids=lambda x: " ".join(x) if isinstance(x, list) else x)
-def test_bad_input_exits_1_with_one_line(capsys, tmp_path, monkeypatch, argv, needle):
+@pytest.mark.parametrize("argv,needle,expected", [(a, n, 2) for a, n in USAGE] + [(a, n, 1) for a, n in BAD_INPUT],
+                         ids=lambda x: " ".join(x) if isinstance(x, list) else str(x))
+def test_usage_errors_exit_2_and_bad_input_1_with_one_line(capsys, tmp_path, monkeypatch, argv, needle, expected):
     monkeypatch.chdir(tmp_path)
     code, out, err = run(capsys, tmp_path, argv)
-    assert code == 1, err
+    assert code == expected, err
     assert_one_error_line(err, needle)
 
 

@@ -632,11 +632,21 @@ def _load_directory(p: Path, *, key: str | None, verify_hash: bool) -> Source:
             f"{p}: a folder without {' or '.join(HF_WEIGHT_FILES[:3])} (found {found}); expected a Hugging Face "
             "model folder. Pass the weights file itself."
         )
-    config = p / "config.json"
-    if config.is_file():
-        try:
-            source.metadata["config"] = json.loads(config.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            source.metadata["config_error"] = "config.json is not valid JSON"
+    config, error = folder_config(p)
+    if config is not None:
+        source.metadata["config"] = config
+    if error is not None:
+        source.metadata["config_error"] = error
     source.metadata["folder"] = str(p)
     return source
+
+
+def folder_config(folder: Path) -> tuple[Any, str | None]:
+    """A model folder's parsed `config.json` (None when it has none), and why it could not be read, if so."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return None, None
+    try:
+        return json.loads(config.read_text()), None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None, "config.json is not valid JSON"

@@ -442,7 +442,7 @@ class State:
 def trace(st: State) -> None:
     """Execution order of the target (and of the source model, when one is given), for structure matching;
     run by `structure` only when names left something to align (tracing costs a forward pass on the meta
-    device, about a millisecond a module), and not at all with `trace=False`."""
+    device), and not at all with `trace=False`."""
     if st.traced or not st.tracing:
         return
     st.traced = True
@@ -585,15 +585,12 @@ def structure(st: State) -> None:
     if st.source_flow and st.target_flow:  # both traced: neighbours along the data flow settle the rest
         trusted = [m.target for m in evidenced if m.source is not None and m.target not in off_block]
         trusted += [t for t in settled if t not in off_block]
-        current = [GroupMatch(m.target, settled[m.target], [], how[m.target]) if m.target in settled else m
-                   for m in matches]
-        for t, s in settle_by_flow(src_groups, tgt_groups, current, st.source_flow, st.target_flow, trusted,
-                                   regions, st.source_joined, st.target_joined).items():
+        for t, s in settle_by_flow(src_groups, tgt_groups, _settle(matches, settled, how), st.source_flow,
+                                   st.target_flow, trusted, regions, st.source_joined, st.target_joined).items():
             off_block.pop(t, None)
             settled[t], how[t] = s, "data flow"
     if settled:
-        matches = [GroupMatch(m.target, settled[m.target], [], how[m.target]) if m.target in settled else m
-                   for m in matches]
+        matches = _settle(matches, settled, how)
         if not order_lost:
             short = _short_runs(matches, len(src_groups), len(tgt_groups)) - {t for t in how if how[t] == "data flow"}
     unplaced: list[Group] = []  # unmatched target groups: explained once the stage has used what it loads
@@ -605,9 +602,8 @@ def structure(st: State) -> None:
         if m.source is None:
             if m.candidates:
                 names = [src_groups[i].name or "(root)" for i in m.candidates]
-                more = f" and {len(names) - 4} more" if len(names) > 4 else ""
-                st.leave_new(tg, f"ambiguous: fits source modules {', '.join(names[:4])}{more} equally well; add a "
-                                 "rename rule to choose", names)
+                st.leave_new(tg, f"ambiguous: fits source modules {_listed(names)} equally well; add a rename rule "
+                                 "to choose", names)
             else:
                 unplaced.append(tg)
             continue
@@ -643,6 +639,12 @@ def structure(st: State) -> None:
     _explain_unplaced(st, unplaced, src_groups)
 
 
+def _settle(matches: Sequence[GroupMatch], settled: Mapping[int, int], how: Mapping[int, str]) -> list[GroupMatch]:
+    """`matches` with each settled target group given its source (and how it was settled)."""
+    return [GroupMatch(m.target, settled[m.target], [], how[m.target]) if m.target in settled else m
+            for m in matches]
+
+
 def _explain_unplaced(st: State, groups: list[Group], src_groups: list[Group]) -> None:
     """Target groups no alignment placed, while source groups of the same shapes are still unused: say which
     they resemble, so that "no source tensor matches" is never said of a module that has look-alikes."""
@@ -656,8 +658,7 @@ def _explain_unplaced(st: State, groups: list[Group], src_groups: list[Group]) -
     for tg in groups:
         names = free.get(signature(tg))
         if names:
-            more = f" and {len(names) - 4} more" if len(names) > 4 else ""
-            st.leave_new(tg, f"resembles source modules {', '.join(names[:4])}{more} (same shapes), but neither "
+            st.leave_new(tg, f"resembles source modules {_listed(names)} (same shapes), but neither "
                              f"their order nor their neighbours place one here; {how}add a rename rule", names)
 
 
@@ -885,6 +886,12 @@ def _finish(st: State) -> Plan:
 # ---- helpers ----------------------------------------------------------------------------------------------
 
 
+def _listed(names: Sequence[str], shown: int = 4) -> str:
+    """`a, b, c, d and 3 more`."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _local(module: str) -> str:
     return module.rpartition(".")[2]
 
@@ -977,8 +984,8 @@ def plan(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str], m
             on the meta device): traced, its execution order replaces the file's order (which a safetensors
             file loses).
         input_shape: the input for tracing, e.g. (1, 3, 224, 224); by default read from the model's metadata.
-        trace: False aligns in registration order without the forward pass (for very large models, where it
-            costs about a millisecond a module).
+        trace: False aligns in registration order without the forward pass on the meta device (a model that
+            cannot run there, or one so large that the pass costs too much).
     """
     src = as_source(source)
     if isinstance(source_model, str):

@@ -38,7 +38,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from torch import nn
@@ -347,16 +347,20 @@ def check_blocks(source: Sequence[Group], target: Sequence[Group], matches: Sequ
             root[x] = x = root[root[x]]
         return x
 
-    for cs, ct in known_blocks:
+    def join(cs: str, ct: str) -> bool:
+        """Unite two blocks that correspond (in either direction); False when they do not."""
         if ct in forward[cs] or cs in back[ct]:
             root[find((0, cs))] = find((1, ct))
+            return True
+        return False
+
+    for cs, ct in known_blocks:
+        join(cs, ct)
     for m in matches:
         if m.source is None:
             continue
         cs, ct = sb[m.source], tb[m.target]
-        if ct in forward[cs] or cs in back[ct]:
-            root[find((0, cs))] = find((1, ct))
-        else:
+        if not join(cs, ct):
             refused[m.target] = (f"resembles source module {source[m.source].name or '(root)'}, but its block "
                                  f"{cs or '(root)'} corresponds to {', '.join(sorted(forward[cs])) or '(root)'}, "
                                  f"not {ct or '(root)'}: not loaded")
@@ -394,8 +398,8 @@ def check_blocks(source: Sequence[Group], target: Sequence[Group], matches: Sequ
 def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Sequence[GroupMatch],
                    source_flow: Mapping[str, set[str]], target_flow: Mapping[str, set[str]],
                    trusted: Iterable[int], regions: Sequence[tuple[list[int], list[int]]],
-                   source_joined: set[tuple[str, str]] = frozenset(),
-                   target_joined: set[tuple[str, str]] = frozenset()) -> dict[int, int]:
+                   source_joined: Set[tuple[str, str]] = frozenset(),
+                   target_joined: Set[tuple[str, str]] = frozenset()) -> dict[int, int]:
     """Target groups left without a source (ambiguous, unmatched or refused) that the data flow settles, as
     target index -> source index; the candidates are the unpaired source groups of the same signature.
 
@@ -418,13 +422,14 @@ def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Se
     """
     region_of_source = {i: r for r, (s_local, _) in enumerate(regions) for i in s_local}
     region_of_target = {j: r for r, (_, t_local) in enumerate(regions) for j in t_local}
+
     def index(groups: Sequence[Group]) -> dict[str, int]:
         seen: dict[str, int] = {}
         for i, g in enumerate(groups):
             seen[g.name] = -1 if g.name in seen else i  # a name with several groups is not a node
         return {n: i for n, i in seen.items() if i >= 0}
 
-    def edges(flow: Mapping[str, set[str]], joined: set[tuple[str, str]], at: dict[str, int]
+    def edges(flow: Mapping[str, set[str]], joined: Set[tuple[str, str]], at: dict[str, int]
               ) -> tuple[dict[int, set[tuple[int, bool]]], dict[int, set[tuple[int, bool]]]]:
         succ: dict[int, set[tuple[int, bool]]] = defaultdict(set)
         pred: dict[int, set[tuple[int, bool]]] = defaultdict(set)
@@ -436,8 +441,8 @@ def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Se
                     pred[at[b]].add((at[a], met))
         return succ, pred
 
-    s_succ, s_pred = edges(source_flow, set(source_joined), index(source))
-    t_succ, t_pred = edges(target_flow, set(target_joined), index(target))
+    s_succ, s_pred = edges(source_flow, source_joined, index(source))
+    t_succ, t_pred = edges(target_flow, target_joined, index(target))
     pair = {m.target: m.source for m in matches if m.source is not None}
     pair = {t: pair[t] for t in trusted if t in pair}
     used = set(pair.values())

@@ -10,9 +10,9 @@ the patch embedding. Matching aligns modules in execution order, so it traces bo
 already on the meta device runs as it is), and a `TorchFunctionMode` records every tensor of the state dict the
 first time an operation reads it (a parameter used in a container's own forward included), and which module
 feeds which (`Trace.flow`). Operations whose result shape is obvious (linear layers, norms, activations,
-element-wise arithmetic) are not run at all: the mode makes an empty tensor of that shape. The input comes from the model's metadata (`example_inputs`) or
-is given. When the forward pass cannot run on the meta device (it reads a value, or needs another input), the
-result says why and matching falls back to registration order.
+element-wise arithmetic) are not run at all: the mode makes an empty tensor of that shape. The input comes from
+the model's metadata (`example_inputs`) or is given. When the forward pass cannot run on the meta device (it
+reads a value, or needs another input), the result says why and matching falls back to registration order.
 """
 
 from __future__ import annotations
@@ -125,8 +125,7 @@ class _FirstUse(TorchFunctionMode):
         self.keys = keys
         self.order: list[str] = []
         self._seen: set[str] = set()
-        self.flow: dict[str, set[str]] = {}
-        self.direct: set[tuple[str, str]] = set()
+        self.direct: set[tuple[str, str]] = set()  # (producer, consumer) edges
         self.through_meeting: set[tuple[str, str]] = set()
         self._tags: dict[int, tuple[frozenset[str], bool]] = {}  # id of a value -> (its modules, a meeting?)
         self._alive: list[torch.Tensor] = []  # tagged values kept, so that no id is reused while tracing
@@ -159,6 +158,13 @@ class _FirstUse(TorchFunctionMode):
             for item in value:
                 self._tag(item, tag)
 
+    def flow(self) -> dict[str, set[str]]:
+        """Producer -> its consumers, over both kinds of edge."""
+        out: dict[str, set[str]] = {}
+        for producer, consumer in self.direct | self.through_meeting:
+            out.setdefault(producer, set()).add(consumer)
+        return out
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
         kwargs = kwargs or {}
         used: set[str] = set()
@@ -169,9 +175,7 @@ class _FirstUse(TorchFunctionMode):
         out = shortcut(*args, **kwargs) if shortcut is not None else func(*args, **kwargs)
         if used:
             for modules, met in inputs.values():
-                for producer in modules - used:
-                    self.flow.setdefault(producer, set()).update(used)
-                    (self.through_meeting if met else self.direct).update((producer, m) for m in used)
+                (self.through_meeting if met else self.direct).update((p, m) for p in modules - used for m in used)
             self._tag(out, (frozenset(used), False))
         elif len(inputs) == 1:
             self._tag(out, next(iter(inputs.values())))
@@ -229,7 +233,8 @@ def example_inputs(model: nn.Module, input_shape: tuple[int, ...] | None = None)
         return (torch.empty(1, first.in_features, device="meta"),), {}
     if isinstance(first, nn.Embedding):  # a text model written by hand: token ids
         return (torch.zeros(1, 8, dtype=torch.long, device="meta"),), {}
-    raise ValueError("no input shape is known for this model (no convolution or linear layer to read it from)")
+    raise ValueError("no input shape is known for this model (no convolution, linear layer or embedding to read "
+                     "it from)")
 
 
 def execution_order(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> Trace:
@@ -270,7 +275,7 @@ def execution_order(model: nn.Module, input_shape: tuple[int, ...] | None = None
             m.training = training
     used = recorder.order
     return Trace(reorder(list(state), used), f"traced on the meta device with input {shape}: {len(used)} of "
-                                             f"{len(state)} tensors used", recorder.flow,
+                                             f"{len(state)} tensors used", recorder.flow(),
                  recorder.through_meeting - recorder.direct)
 
 
