@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torchgraft import layout
+
 from torchgraft.adapt import (
     ADAPTERS,
     adapt_classifier_rows,
@@ -77,6 +79,7 @@ def test_registry_names_and_describe():
         "embedding_resize": resize_embedding,
         "split": split_part,
         "merge": merge,
+        **{name: getattr(layout, name) for name in (*layout.LAYOUT_ADAPTERS, "unfold_bn", "bias_into_bn")},
     }
     for name, adapter in ADAPTERS.items():
         assert adapter.name == name

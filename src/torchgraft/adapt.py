@@ -483,6 +483,8 @@ class Adapter:
     """Builds on the target's freshly initialised tensor (rows for new classes or tokens)."""
 
     def check_args(self, args: Any, where: str) -> dict[str, Any]:
+        if args is None and not self.args:  # a plan file leaves out an empty argument object
+            return {}
         if not isinstance(args, dict) or set(args) != set(self.args):
             found = sorted(args) if isinstance(args, dict) else type(args).__name__
             raise GraftError(f"{where}: adapter {self.name!r} has arguments {found}; expected exactly "
@@ -610,6 +612,15 @@ ADAPTERS: dict[str, Adapter] = {a.name: a for a in (
         exact=True),
 )}
 """Every adapter by the name reports and plans use."""
+
+
+def _with_layouts() -> None:
+    from torchgraft.layout import _register
+
+    ADAPTERS.update({a.name: a for a in _register()})
+
+
+_with_layouts()  # the layouts of other frameworks (torchgraft.layout), registered beside the rest
 
 
 def get(name: Any, where: str = "plan") -> Adapter:

@@ -43,6 +43,7 @@ class Entry:
     adapter: str | None = None
     note: str = ""
     args: dict[str, Any] | None = None  # the adapter's arguments
+    layout: str | None = None  # the layout adapter that laid another framework's stored value out
 
     @property
     def benign(self) -> bool:
@@ -142,6 +143,8 @@ class Report:
                    "adapter": e.adapter, "note": e.note}
             if e.args:
                 row["args"] = e.args
+            if e.layout:
+                row["layout"] = e.layout
             entries.append(row)
         out = {
             "source": self.source,

@@ -30,7 +30,7 @@ from torchgraft.match.names import is_benign
 from torchgraft.match.plan import DTYPES, Plan, Step, as_source, dtype_name
 from torchgraft.match.plan import plan as make_plan
 from torchgraft.report import Entry, Report, check_loads_something, sources_of
-from torchgraft.verify import verify
+from torchgraft.verify import ForeignRunner, verify
 
 __all__ = ["Entry", "Report", "Plan", "apply", "transfer", "build_target", "save_state", "meta_blockers",
            "parameters_on_meta", "DTYPES", "OUTPUT_SUFFIXES"]
@@ -44,7 +44,7 @@ OUTPUT_SUFFIXES = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch
 
 def _entry(step: Step) -> Entry:
     return Entry(step.target, step.source, _STATUS[step.action], step.method, step.adapter, step.note,
-                 dict(step.args) if step.args else None)
+                 dict(step.args) if step.args else None, step.layout)
 
 
 def apply(plan: Plan, source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str], model: nn.Module, *,
@@ -115,6 +115,10 @@ def apply(plan: Plan, source: Source | Mapping[str, torch.Tensor] | str | os.Pat
         done += current.numel() * out_dtype(current).itemsize
         if progress is not None:
             progress(done, total)
+    modules = dict(model.named_modules())
+    for name, attrs in plan.settings.items():  # a source module's eps/momentum, carried to its target module
+        for attr, value in attrs.items():
+            setattr(modules[name], attr, value)
     if policy is not None:
         model.to(policy)
     if releaser is not None:
@@ -255,7 +259,8 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
         reference = _source_model(src, source_model, source_model_kwargs)
     if plan is None:
         plan = make_plan(src, model, rules=rules, source_classes=source_classes, target_classes=target_classes,
-                         dtype=dtype, source_model=reference, input_shape=input_shape, trace=trace)
+                         dtype=dtype, source_model=None if isinstance(reference, ForeignRunner) else reference,
+                         input_shape=input_shape, trace=trace)
     else:
         plan.check_fits(src, model)
     if strict:
@@ -319,6 +324,14 @@ def _found_source_model(src: Source, notes: list[str]) -> nn.Module | None:
     how it was found, or why none is used."""
     from torchgraft.specs import source_spec
 
+    if src.runner is not None:  # another framework's file that runs in its own runtime
+        try:
+            reference = src.runner()
+        except GraftError as exc:
+            notes.append(f"not run in its own framework: {exc}")
+            return None
+        notes.append(f"source runs in {reference.describe()}: outputs compared")
+        return reference
     found = source_spec(src.path, src.metadata)
     if found is None:
         notes.append("no source model: the checkpoint does not say which model it was saved from (give one to "

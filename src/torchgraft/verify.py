@@ -18,7 +18,20 @@ from torchgraft import _callable
 from torchgraft.adapt import canonical_shape
 from torchgraft.errors import GraftError
 
-__all__ = ["Verification", "verify", "module_pairs", "example_input"]
+__all__ = ["Verification", "verify", "module_pairs", "example_input", "ForeignRunner"]
+
+
+class ForeignRunner(nn.Module):
+    """A source that runs in its own framework (Keras on the torch backend, onnxruntime): takes what the PyTorch
+    target takes (an `(N, C, H, W)` image batch, token ids) and returns its output as a torch tensor in PyTorch's
+    layout. It has no modules to pair, so `verify` compares the outputs only.
+
+    Subclasses set `framework` (for reports) and implement `forward`."""
+
+    framework = "another framework"
+
+    def describe(self) -> str:
+        return self.framework
 
 
 @dataclass
@@ -131,6 +144,8 @@ def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs
     The first divergence is the earliest target module, in execution order, whose output differs from its
     source module's by more than `atol + rtol * |source|`. Models are put in eval mode and restored after.
     """
+    if isinstance(source_model, ForeignRunner):
+        return _verify_outputs(source_model, target_model, inputs, atol=atol, rtol=rtol)
     pairs = module_pairs(report)
     notes: list[str] = []
     src_modules, tgt_modules = dict(source_model.named_modules()), dict(target_model.named_modules())
@@ -199,6 +214,34 @@ def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs
     else:
         notes.append("outputs have different shapes (a new head?); compared the matched modules only")
     return Verification(compared, agreed, first, output_diff, notes)
+
+
+def _verify_outputs(runner: ForeignRunner, target_model: nn.Module, inputs: Any, *, atol: float,
+                    rtol: float) -> Verification:
+    """Both models on one input, outputs compared: all a source running in another framework allows."""
+    args, kwargs = example_input(target_model) if inputs is None else \
+        ((inputs if isinstance(inputs, tuple) else (inputs,)), {})
+    was = target_model.training
+    target_model.eval()
+    try:
+        with torch.no_grad():
+            y_tgt = _first_tensor(target_model(*args, **kwargs))
+            y_src = _first_tensor(runner(*args, **kwargs))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise GraftError(f"verify could not run {runner.describe()} and the target on the same input "
+                         f"({str(exc).splitlines()[0]}); pass an input that fits both.") from None
+    finally:
+        target_model.train(was)
+    name = f"(output of {runner.describe()})"
+    if y_src is None or y_tgt is None or y_src.numel() != y_tgt.numel():
+        shapes = [list(y.shape) if y is not None else None for y in (y_src, y_tgt)]
+        return Verification(1, 0, Divergence("(output)", name, float("inf"), f"shapes {shapes[0]} -> {shapes[1]}"),
+                            None, ["outputs have different shapes (a new head?); nothing else can be compared"])
+    a, b = y_tgt.float().reshape(y_src.shape), y_src.float()
+    diff = (a - b).abs()
+    ok = bool((diff <= atol + rtol * b.abs()).all())
+    return Verification(1, int(ok), None if ok else Divergence("(output)", name, float(diff.max())),
+                        float(diff.max()), [f"compared the outputs only: the source runs in {runner.describe()}"])
 
 
 _callable.make_callable(__name__, verify)

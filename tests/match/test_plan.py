@@ -43,7 +43,8 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
 
 def test_stages_run_in_the_documented_order():
     assert [s.__name__ for s in STAGES] == ["drops", "merges_and_splits", "renames", "exact", "prefixes",
-                                            "structure", "stem", "adapters", "orphans"]
+                                            "structure", "folds", "stem", "adapters", "orphans",
+                                            "module_settings"]
     assert all(s.__doc__ for s in STAGES)
 
 

@@ -71,6 +71,15 @@ class Source:
     wrapper: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, str] | None = None  # module name -> class, for whole-model pickles and TorchScript
+    # Another framework's file (`torchgraft.io.frameworks`): each tensor's name in the file, the layout adapter
+    # (and its arguments) that laid it out as PyTorch holds it, attributes its target modules should take, a
+    # way to run it, and what its exporter may have folded.
+    origins: dict[str, str] = field(default_factory=dict)
+    layouts: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    module_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runner: Any = None
+    folded_bn: bool = False
+    foldable_bias: dict[str, str] = field(default_factory=dict)
 
     def keys(self) -> list[str]:
         return list(self.info)
@@ -124,7 +133,9 @@ def load(path: str | os.PathLike[str], *, key: str | None = None, verify_hash: b
 
     Args:
         path: a `.pth/.pt/.bin/.ckpt` file (zip or legacy), a TorchScript archive, a `.safetensors` file, a
-            `*.index.json` of shards, or a Hugging Face model folder.
+            `*.index.json` of shards, a Hugging Face model folder, a `torch.distributed.checkpoint` folder, or
+            another framework's file: Keras `.keras`/`.weights.h5`/`.h5`, ONNX `.onnx`, NumPy `.npz`
+            (big_vision), Flax `.msgpack` (`torchgraft.io.frameworks`).
         key: take the weights from this entry of a training checkpoint (e.g. `"ema"`) instead of the first of
             `WRAPPER_KEYS` found.
         verify_hash: check a file named `name-<hex>.ext` against the sha256 prefix in its name, like torch.hub.
@@ -152,6 +163,9 @@ def _load(path: str | os.PathLike[str], *, key: str | None, verify_hash: bool) -
         return _load_index(p)
     with open(p, "rb") as f:
         head = f.read(16)
+    foreign = _foreign_reader(p, head)
+    if foreign is not None:
+        return foreign(p)
     if head.startswith(_ZIP_MAGIC):
         return _load_torch_zip(p, key)
     if _looks_like_safetensors(head, p):
@@ -160,8 +174,34 @@ def _load(path: str | os.PathLike[str], *, key: str | None, verify_hash: bool) -
         return _load_torch_legacy(p, key)
     raise CheckpointError(
         f"{shown}: unrecognised file format (starts with {head[:8]!r}); expected a torch file (.pth/.pt/.bin/"
-        ".ckpt), a TorchScript archive, safetensors, or a Hugging Face model folder."
+        ".ckpt), a TorchScript archive, safetensors, a Hugging Face model folder, or another framework's file "
+        "(.keras, .h5, .onnx, .npz, .msgpack)."
     )
+
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def _foreign_reader(p: Path, head: bytes):
+    """The reader of another framework's file (`torchgraft.io.*_reader`), imported only when one is named: by
+    content where the format has a signature (HDF5), else by extension."""
+    suffix = p.suffix.lower()
+    if suffix == ".keras":
+        from torchgraft.io.keras_reader import read_keras
+        return read_keras
+    if head.startswith(_HDF5_MAGIC) or suffix in (".h5", ".hdf5"):
+        from torchgraft.io.keras_reader import read_h5
+        return read_h5
+    if suffix == ".onnx":
+        from torchgraft.io.onnx_reader import read_onnx
+        return read_onnx
+    if suffix == ".npz":
+        from torchgraft.io.jax_reader import read_npz
+        return read_npz
+    if suffix == ".msgpack":
+        from torchgraft.io.jax_reader import read_msgpack
+        return read_msgpack
+    return None
 
 
 def _check_hash_in_name(p: Path) -> None:
@@ -622,6 +662,9 @@ def _load_index(p: Path, key: str | None = None) -> Source:
 
 
 def _load_directory(p: Path, *, key: str | None, verify_hash: bool) -> Source:
+    if (p / ".metadata").is_file():  # a torch.distributed.checkpoint folder
+        from torchgraft.io.dcp_reader import read_dcp
+        return read_dcp(p, key=key)
     for name in HF_WEIGHT_FILES:
         if (p / name).is_file():
             source = load(p / name, key=key, verify_hash=verify_hash)

@@ -19,11 +19,16 @@ decision as a `Step` with its evidence (`method`, `how`, `note`, `candidates`):
                        where names differ; only
                        pairs every best alignment agrees on, in runs of at least MIN_RUN modules that agree
                        in order (or a shape found once on each side)  method: structure
+    folds              conv biases that stand for a BatchNorm (another framework's file): into the target
+                       conv's bias, the norm's running mean (`bias_into_bn`), or an identity norm the
+                       exporter folded away (`unfold_bn`)
     stem               a renamed first convolution with other input channels, tied by its neighbours
     adapters           each shape mismatch goes to the adapter registry (`torchgraft.adapt.ADAPTERS`): a
                        named adapter with its arguments, or the tensor stays new and says why
     orphans            a counter (`num_batches_tracked`) loads only beside its module's other tensors
+    module_settings    a source module's eps/momentum (a Keras BatchNorm's) carried to its target module
     casts              the dtype each value is placed in, when it changes
+    layouts            each tensor of another framework's file: its name there and its layout adapter
 
 A plan step never says `loaded`: its `action` is `load`, `adapt` or `new`; applying the plan
 (`torchgraft.transfer.apply`) returns a `Report` of what happened. Everything `apply` needs is in the plan
@@ -33,12 +38,13 @@ it was made for, so a stale plan is refused instead of applied.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +81,8 @@ from torchgraft.summary import collapse_indices
 __all__ = ["Plan", "Step", "State", "STAGES", "ACTIONS", "PLAN_VERSION", "plan", "as_source", "DTYPES"]
 
 PLAN_FORMAT = "torchgraft.plan"
+#: Module attributes a plan may carry from a source module to its target (`Plan.settings`).
+MODULE_SETTINGS = ("eps", "momentum")
 PLAN_VERSION = 1
 #: What a step will do: place the source tensor as it is (or cut or joined exactly), place an adapter's output,
 #: or leave the model's own value.
@@ -104,11 +112,14 @@ class Step:
     `MAX_CANDIDATES`)."""
     cast: str | None = None
     """The dtype the value is placed in, when it differs from the source tensor's."""
+    layout: str | None = None
+    """The layout adapter (`torchgraft.layout`) the reader of another framework's file lays the stored value
+    out with, as the source says; applying the plan reads the source again, so this is the record."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"target": self.target, "source": self.source, "action": self.action,
                                "method": self.method}
-        for name in ("how", "adapter", "args", "note", "candidates", "cast"):
+        for name in ("how", "adapter", "args", "note", "candidates", "cast", "layout"):
             value = getattr(self, name)
             if value:
                 out[name] = value
@@ -150,6 +161,8 @@ class Plan:
     """Numeric problems of source tensors already checked (by `check_strict`), so `apply` reads each once."""
     origin: str = field(default="plan", repr=False, compare=False)
     """Where the plan was read from, for error messages."""
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """target module -> attributes it takes from its source module (a Keras BatchNorm's `eps`, `momentum`)."""
 
     def step(self, target: str) -> Step:
         for s in self.steps:
@@ -211,6 +224,7 @@ class Plan:
             "unused_source": self.unused_source,
             "warnings": self.warnings,
             "notes": self.notes,
+            **({"settings": self.settings} if self.settings else {}),
         }
 
     @classmethod
@@ -240,10 +254,16 @@ class Plan:
             raise GraftError(f"{where}: \"fingerprint\" must be an object; re-run `graft plan`.")
         warnings = [str(w) for w in data.get("warnings") or []]
         notes = [str(n) for n in data.get("notes") or []]
+        settings = data.get("settings") or {}
+        if not isinstance(settings, dict) or not all(
+                isinstance(v, dict) and all(a in MODULE_SETTINGS and isinstance(x, (int, float)) for a, x in v.items())
+                for v in settings.values()):
+            raise GraftError(f"{where}: \"settings\" must map module names to {{attribute: number}} with attributes "
+                             f"among {', '.join(MODULE_SETTINGS)}; re-run `graft plan`.")
         return cls(source=str(data.get("source", "")), target=str(data.get("target", "")), steps=steps,
                    unused_source=[{"source": u["source"], "why": str(u.get("why", ""))} for u in unused],
                    warnings=warnings, notes=notes, dtype=dtype,
-                   fingerprint={str(k): str(v) for k, v in fingerprint.items()})
+                   fingerprint={str(k): str(v) for k, v in fingerprint.items()}, settings=settings)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the plan as JSON, atomically."""
@@ -336,9 +356,12 @@ def _step_from_dict(item: Any, where: str) -> Step:
     if cast is not None and cast not in DTYPES and not isinstance(cast, str):
         raise GraftError(f"{where} ({target}): cast {cast!r}; expected a dtype name or null.")
     candidates = item.get("candidates") or []
+    layout = item.get("layout")
+    if layout is not None:
+        adapt.get(layout, f"{where} ({target}) layout")
     return Step(target=target, source=source, action=action, method=str(item.get("method", "rule")),
                 how=str(item.get("how", "")), adapter=name, args=args, note=str(item.get("note", "")),
-                candidates=[str(c) for c in candidates], cast=cast)
+                candidates=[str(c) for c in candidates], cast=cast, layout=layout)
 
 
 # ---- the shared state -------------------------------------------------------------------------------------
@@ -401,6 +424,7 @@ class State:
         self.source_flow: dict[str, set[str]] | None = None
         self.target_joined: set[tuple[str, str]] = set()  # flow edges only through a residual addition
         self.source_joined: set[tuple[str, str]] = set()
+        self.settings: dict[str, dict[str, Any]] = {}  # target module -> attributes from its source module
 
     def free_targets(self) -> list[str]:
         return [k for k in self.tgt if k not in self.steps]
@@ -541,6 +565,11 @@ def prefixes(st: State) -> None:
 
 def structure(st: State) -> None:
     """Modules aligned by their tensors' names and shapes where module names differ (`match.structure`)."""
+    with _conv_biases_aside(st):
+        _structure(st)
+
+
+def _structure(st: State) -> None:
     free = st.free_sources()
     targets = st.free_targets()
     if not free or not targets:
@@ -827,6 +856,136 @@ def adapters(st: State) -> None:
         st.why_unused[p.source] = f"shape {list(s)} does not fit {p.target} {list(t)}"
 
 
+_NORM_ROLES = ("weight", "bias", "running_mean", "running_var")
+
+
+def _is_conv_bias(key: str, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    module, _, local = key.rpartition(".")
+    return local == "bias" and len(shapes.get(_join(module, "weight"), ())) >= 3
+
+
+def _following_norm(st: State, module: str) -> str | None:
+    """The BatchNorm the target conv `module` feeds, over as many channels as it has: by the traced data flow,
+    else the next module with tensors in registration order."""
+    channels = st.tgt.get(_join(module, "weight"), (0,))[0]
+    if st.target_flow is not None:
+        after = sorted(st.target_flow.get(module, ()))
+    else:
+        names = [n for n, m in st.modules.items() if any(True for _ in m.parameters(recurse=False))]
+        at = names.index(module) if module in names else -1
+        after = names[at + 1:at + 2] if at >= 0 else []
+    norms = [n for n in after if isinstance(st.modules.get(n), nn.modules.batchnorm._BatchNorm)
+             and all(_join(n, r) in st.tgt for r in _NORM_ROLES) and st.tgt[_join(n, "weight")][0] == channels]
+    return norms[0] if len(norms) == 1 else None
+
+
+@contextlib.contextmanager
+def _conv_biases_aside(st: State) -> Iterator[None]:
+    """For a source whose conv biases may stand for a BatchNorm (`Source.folded_bn`, `Source.foldable_bias`),
+    convs are aligned by their kernels alone: those biases, and the target's conv biases that could meet them,
+    are set aside while `structure` runs; the `folds` stage then decides where each goes."""
+    source = st.source
+    if not (source.folded_bn or source.foldable_bias):
+        yield
+        return
+    trace(st)
+    hidden_src = {k for k in st.src if k in source.foldable_bias or (source.folded_bn and _is_conv_bias(k, st.src))}
+    free = st.free_targets()
+    hidden_tgt = {k for k in free if _is_conv_bias(k, st.tgt)
+                  and (source.folded_bn or _following_norm(st, k.rpartition(".")[0]) is not None)}
+    if source.folded_bn and not any(k.endswith(".running_mean") for k in st.src):
+        # every norm was folded: the norms after convs have nothing to meet, and would only break the runs
+        convs = {k.rpartition(".")[0] for k in free if k.endswith(".weight") and len(st.tgt[k]) >= 3}
+        norms = {n for n in (_following_norm(st, c) for c in convs) if n is not None}
+        hidden_tgt |= {k for k in free if k.rpartition(".")[0] in norms}
+    full_src, full_tgt = st.src, st.tgt
+    st.src = {k: v for k, v in full_src.items() if k not in hidden_src}
+    st.tgt = {k: v for k, v in full_tgt.items() if k not in hidden_tgt}
+    try:
+        yield
+    finally:
+        st.src, st.tgt = full_src, full_tgt
+
+
+def folds(st: State) -> None:
+    """Conv biases that stand for a BatchNorm, once convs are matched by their kernels:
+    - the target conv has a bias: it takes the source conv's;
+    - a bias the source feeds alone into a BatchNorm (`Source.foldable_bias`), for a target conv without one:
+      moved into the matched norm's running mean (`bias_into_bn`);
+    - a source whose exporter folded BatchNorms into convs (`Source.folded_bn`), for a target conv without a
+      bias followed by a BatchNorm nothing placed: the conv keeps the folded kernel and the norm becomes the
+      identity carrying the folded bias (`unfold_bn`). All exact in eval mode."""
+    source = st.source
+    if not (source.folded_bn or source.foldable_bias):
+        return
+    for key, step in list(st.steps.items()):
+        if step.action == "new" or not isinstance(step.source, str) or not key.endswith(".weight") \
+                or len(st.tgt[key]) < 3:
+            continue
+        t_mod, s_mod = key.rpartition(".")[0], step.source.rpartition(".")[0]
+        s_bias: str | None = _join(s_mod, "bias")
+        if s_bias not in st.src or s_bias in st.used:
+            s_bias = None
+        t_bias = _join(t_mod, "bias")
+        if t_bias in st.tgt:
+            if s_bias is not None and t_bias not in st.steps:
+                st.pair(t_bias, s_bias, step.method, step.how)
+            continue
+        norm = _following_norm(st, t_mod)
+        if norm is None:
+            continue
+        keys = [_join(norm, r) for r in _NORM_ROLES]
+        if s_bias is not None and s_bias in source.foldable_bias:
+            mean = st.steps.get(keys[2])
+            if mean is not None and mean.action == "load" and mean.adapter is None \
+                    and mean.source == _join(source.foldable_bias[s_bias], "running_mean") \
+                    and st.src[s_bias] == st.tgt[keys[2]]:
+                st.steps[keys[2]] = Step(keys[2], [mean.source, s_bias], "adapt", mean.method, mean.how,
+                                         "bias_into_bn", {}, f"{s_mod}'s bias moved into the running mean: "
+                                         f"{t_mod} has no bias")
+                st.used.add(s_bias)
+        elif source.folded_bn and not any(k in st.steps for k in keys):
+            eps = float(st.modules[norm].eps)
+            for role, k in zip(_NORM_ROLES, keys):
+                st.steps[k] = Step(k, s_bias or step.source, "adapt", "folded", f"folded into {s_mod}",
+                                   "unfold_bn", {"role": role, "eps": eps},
+                                   f"the exporter folded this BatchNorm into {s_mod}: the identity"
+                                   + (" carrying its bias" if role == "bias" and s_bias else ""))
+            if s_bias is not None:
+                st.used.add(s_bias)
+
+
+def module_settings(st: State) -> None:
+    """Attributes a source module says its target module should take (`Source.module_attrs`: a Keras
+    BatchNorm's `eps` and `momentum`), for a target module whose tensors come from that module alone; each one
+    that differs from the model's is recorded in `Plan.settings` and noted on the module's tensors."""
+    attrs = st.source.module_attrs
+    if not attrs:
+        return
+    origins: dict[str, set[str]] = {}
+    for key, step in st.steps.items():
+        if step.action != "new":
+            for name in sources_of(step.source):
+                origins.setdefault(key.rpartition(".")[0], set()).add(name.rpartition(".")[0])
+    changed = Counter()
+    for t_mod, s_mods in origins.items():
+        carrying = [m for m in s_mods if m in attrs]
+        module = st.modules.get(t_mod)
+        if len(carrying) != 1 or module is None:
+            continue
+        for attr, value in attrs[carrying[0]].items():
+            now = getattr(module, attr, None)
+            if attr in MODULE_SETTINGS and isinstance(now, (int, float)) and not isinstance(now, bool) \
+                    and float(now) != float(value):
+                st.settings.setdefault(t_mod, {})[attr] = value
+                changed[(attr, now, value)] += 1
+                for key in (k for k in st.steps if k.rpartition(".")[0] == t_mod):
+                    note = f"{attr} {now} -> {value} from {carrying[0]}"
+                    st.steps[key].note = f"{st.steps[key].note}; {note}" if st.steps[key].note else note
+    for (attr, now, value), n in changed.items():
+        st.notes.append(f"{n} modules take {attr} {value} from the source (the model had {now})")
+
+
 def orphans(st: State) -> None:
     """A benign tensor (`num_batches_tracked`) is loaded only beside its module's other tensors, from the same
     source module: a counter is shaped like every other counter, so alone it is no evidence of anything."""
@@ -857,9 +1016,30 @@ def casts(st: State) -> None:
             step.note = f"{step.note}; {cast}" if step.note else cast
 
 
+def layouts(st: State) -> None:
+    """Each step from another framework's file says the tensor's name in the file and records the layout
+    adapter its reader laid the stored value out with (`Source.origins`, `Source.layouts`)."""
+    if not st.source.origins:
+        return
+    for step in st.steps.values():
+        if step.action == "new":
+            continue
+        said = []
+        for name in sources_of(step.source):
+            origin = st.source.origins.get(name, name)
+            if name in st.source.layouts:
+                adapter, args = st.source.layouts[name]
+                step.layout = step.layout or adapter
+                said.append(f"{origin}: {adapt.get(adapter).sentence(args, (), st.tgt[step.target])}")
+            elif origin != name:
+                said.append(f"from {origin}")
+        if said:
+            step.note = "; ".join(said + ([step.note] if step.note else []))
+
+
 #: The matching stages, in the order they run; each sees only what the stages before it left.
 STAGES: tuple[Callable[[State], None], ...] = (drops, merges_and_splits, renames, exact, prefixes, structure,
-                                               stem, adapters, orphans)
+                                               folds, stem, adapters, orphans, module_settings)
 
 
 def _finish(st: State) -> Plan:
@@ -868,6 +1048,7 @@ def _finish(st: State) -> Plan:
             benign = BENIGN_TENSORS.get(t.rsplit(".", 1)[-1])
             st.steps[t] = Step(t, None, "new", "none", note=benign.keeps if benign else "no source tensor matches")
     casts(st)
+    layouts(st)
     steps = [st.steps[t] for t in st.tgt]
     unused = [{"source": k, "why": st.why_unused.get(k, "no target tensor matches its name or structure")}
               for k in st.src if k not in st.used]
@@ -875,7 +1056,7 @@ def _finish(st: State) -> Plan:
                   warnings=list(st.warnings), notes=list(st.notes), dtype=st.dtype,
                   fingerprint={"source": _fingerprint(_source_shapes(st.source)),
                                "target": _fingerprint(_target_shapes(st.model))},
-                  target_numel=st.tgt_numel)
+                  target_numel=st.tgt_numel, settings=st.settings)
     if result.loaded_fraction < LOW_OVERLAP:
         result.warnings.append(
             f"only {result.loaded_fraction:.1%} of the target's values come from {st.source.path}: is this the "
