@@ -33,6 +33,11 @@ class ForeignRunner(nn.Module):
     def describe(self) -> str:
         return self.framework
 
+    def example_input(self) -> tuple[torch.Tensor, ...] | None:
+        """An input of the one shape the source takes, when it takes one only (an ONNX model exported at
+        1x3x64x64); None lets the target's example input serve both."""
+        return None
+
 
 @dataclass
 class Divergence:
@@ -219,6 +224,8 @@ def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs
 def _verify_outputs(runner: ForeignRunner, target_model: nn.Module, inputs: Any, *, atol: float,
                     rtol: float) -> Verification:
     """Both models on one input, outputs compared: all a source running in another framework allows."""
+    if inputs is None:
+        inputs = runner.example_input()
     args, kwargs = example_input(target_model) if inputs is None else \
         ((inputs if isinstance(inputs, tuple) else (inputs,)), {})
     was = target_model.training
