@@ -149,6 +149,7 @@ class _Stored:
     origin: str
     tensor: Any  # onnx.TensorProto
     branch: str = ""  # the subgraph that holds it ('' for the main graph)
+    constant: bool = False  # a Constant node's: a weight only in a weight slot or under a kept key
 
 
 @dataclass
@@ -162,6 +163,18 @@ class _Use:
 
 def _float_tensor(t: Any) -> bool:
     return t.data_type in _FLOAT_TYPES
+
+
+def _is_weight(op: str, slot: int, stored: _Stored) -> bool:
+    """Whether a node's input is a weight: a floating tensor under a kept key, in a weight slot of its op, or
+    (an initializer) with more than one value; scalars (a scale, an epsilon) and other constants (zeros for a
+    recurrent state) are not, and do not count in the op order."""
+    if not _float_tensor(stored.tensor):
+        return False
+    if is_kept_key(_clean(stored.origin)) or slot in SLOT_NAMES.get(op, {}) \
+            or (op in GATE_ORDERS and slot in (1, 2, 3, 7)):
+        return True
+    return not stored.constant and math.prod(_dims(stored.tensor)) > 1
 
 
 def _constant_tensor(node: Any) -> Any | None:
@@ -182,13 +195,13 @@ def _walk(graph: Any, scope: dict[str, _Stored], branch: str, uses: list[_Use], 
         if node.op_type == "Constant":
             t = _constant_tensor(node)
             if t is not None and _float_tensor(t) and node.output:
-                scope[node.output[0]] = _Stored(node.output[0], t, branch)
+                scope[node.output[0]] = _Stored(node.output[0], t, branch, constant=True)
             continue
         if node.op_type == "Identity" and node.input and node.input[0] in scope:  # an alias (deduplicated weights)
             scope[node.output[0]] = scope[node.input[0]]
             continue
-        found = [(slot, scope[name]) for slot, name in enumerate(node.input) if name in scope
-                 and _float_tensor(scope[name].tensor)]
+        found = [(slot, scope[name]) for slot, name in enumerate(node.input)
+                 if name in scope and _is_weight(node.op_type, slot, scope[name])]
         if found:
             for slot, stored in found:
                 uses.append(_Use(node, counter[0], slot, stored, branch))
@@ -320,12 +333,7 @@ def _present(uses: list[_Use], path: Path) -> tuple[list[_Presented], dict[str, 
             if is_kept_key(name):
                 entries.append(_Presented(name, u, dims))  # the parameter itself, as PyTorch holds it
                 continue
-            if u.slot in slots:
-                local = slots[u.slot]
-            elif math.prod(dims) <= 1:
-                continue  # a scalar operand (a scale, an epsilon), not a weight
-            else:
-                local = f"{op.lower()}_input{u.slot}"
+            local = slots.get(u.slot, f"{op.lower()}_input{u.slot}")
             entry = _Presented(f"{module}.{local}", u, dims)
             if op == "MatMul" and u.slot == 1 and len(dims) == 2:
                 entry.layout, entry.args, entry.shape = "dense_kernel", {}, (dims[1], dims[0])
