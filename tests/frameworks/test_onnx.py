@@ -169,14 +169,16 @@ class _Recurrent(nn.Module):
         return self.head(x)
 
 
-def test_matmul_weights_and_recurrent_gates_take_pytorch_layouts(tmp_path):
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_matmul_weights_and_recurrent_gates_take_pytorch_layouts(tmp_path, dynamo):
     torch.manual_seed(0)
     model, x = _Recurrent().eval(), torch.randn(2, 5, 8)
     path = tmp_path / "rnn.onnx"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=False)
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo)
     src = tg.load(path)
+    assert sorted(src.keys()) == sorted(model.state_dict())  # the initial states (zeros) are not weights
     assert src.layouts["proj.weight"] == ("dense_kernel", {})  # MatMul by an (in, out) initializer
     assert src.layouts["lstm.weight_hh_l1_reverse"] == ("gate_order", {"order": [0, 2, 3, 1], "transpose": False})
     assert src.layouts["gru.bias_hh_l0"] == ("gate_order", {"order": [1, 0, 2], "transpose": False})
@@ -187,6 +189,53 @@ def test_matmul_weights_and_recurrent_gates_take_pytorch_layouts(tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     y = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     assert (_outputs(target, x) - y).abs().max() < 1e-5
+
+
+def _conv_bn(bias: bool, eps: float = 1e-5) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=bias), nn.BatchNorm2d(8, eps=eps), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, bias=bias), nn.BatchNorm2d(8))
+
+
+def test_kept_batchnorms_take_the_conv_bias_into_the_running_mean_and_carry_eps(tmp_path):
+    """An export that keeps its norms (the dynamo exporter with optimize=False): a conv bias whose output only its
+    BatchNorm takes moves into the norm's running mean for a target conv without one; eps 1e-3 is carried."""
+    torch.manual_seed(0)
+    source = _conv_bn(True, eps=1e-3).eval()
+    for m in source.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 16, 16)
+    path = tmp_path / "convbn.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(source, (x,), str(path), optimize=False)
+    src = tg.load(path)
+    assert not src.folded_bn and src.foldable_bias == {"0.bias": "1", "3.bias": "4"}
+    assert src.module_attrs["1"] == {"eps": 0.001, "momentum": 0.1}
+    target = _conv_bn(False).eval()
+    report = tg.transfer(src, target)
+    entries = {e.target: e for e in report.entries}
+    assert entries["1.running_mean"].adapter == "bias_into_bn" and entries["1.running_mean"].source == ["1.running_mean", "0.bias"]
+    assert target[1].eps == 1e-3 and target[4].eps == 1e-5
+    assert (_outputs(target, x) - _ort(path, x)).abs().max() < 1e-5
+
+
+def test_external_data_is_read_lazily_and_only_from_beside_the_model(tmp_path, exports):
+    path, original = exports["resnet18_legacy"]
+    proto = onnx.load(str(path))
+    onnx.save(proto, str(tmp_path / "r18.onnx"), save_as_external_data=True, location="r18.data",
+              size_threshold=1024)
+    src = tg.load(tmp_path / "r18.onnx")
+    assert torch.equal(src["fc.weight"], original.fc.weight)
+    for t in proto.graph.initializer:  # point the data outside the model's folder
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../outside.data"
+    (tmp_path / "evil").mkdir()
+    onnx.save(proto, str(tmp_path / "evil" / "r18.onnx"))
+    with pytest.raises(CheckpointError, match="outside the model's folder"):
+        tg.load(tmp_path / "evil" / "r18.onnx")["fc.weight"]
 
 
 # ---- the command line ------------------------------------------------------------------------------------

@@ -171,9 +171,12 @@ def _is_weight(op: str, slot: int, stored: _Stored) -> bool:
     recurrent state) are not, and do not count in the op order."""
     if not _float_tensor(stored.tensor):
         return False
-    if is_kept_key(_clean(stored.origin)) or slot in SLOT_NAMES.get(op, {}) \
-            or (op in GATE_ORDERS and slot in (1, 2, 3, 7)):
+    if is_kept_key(_clean(stored.origin)):
         return True
+    if op in GATE_ORDERS:  # X, W, R, B, sequence_lens, initial_h, initial_c, P: the states are inputs
+        return slot in (1, 2, 3, 7)
+    if op in SLOT_NAMES:
+        return slot in SLOT_NAMES[op]
     return not stored.constant and math.prod(_dims(stored.tensor)) > 1
 
 
@@ -210,6 +213,11 @@ def _walk(graph: Any, scope: dict[str, _Stored], branch: str, uses: list[_Use], 
             graphs = [a.g] if a.type == 5 else list(a.graphs) if a.type == 10 else []  # GRAPH, GRAPHS
             for g in graphs:
                 _walk(g, scope, f"{branch}/{node.name or node.op_type}:{a.name}", uses, counter, outputs)
+
+
+def _f32(value: float) -> float:
+    """A float attribute (stored as float32) as the decimal it was written as: 1e-05, not 9.99999974e-06."""
+    return float(f"{float(value):.7g}")
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -342,11 +350,11 @@ def _present(uses: list[_Use], path: Path) -> tuple[list[_Presented], dict[str, 
             entries.append(entry)
         if entries:
             modules.setdefault(module, op)
-        if op == "BatchNormalization":
-            attrs[module] = {"eps": float(_attr(node, "epsilon", 1e-5)),
-                             "momentum": round(1.0 - float(_attr(node, "momentum", 0.9)), 6)}
+        if op == "BatchNormalization":  # ONNX's momentum weighs the running value, PyTorch's the new one
+            attrs[module] = {"eps": _f32(_attr(node, "epsilon", 1e-5)),
+                             "momentum": _f32(1.0 - _f32(_attr(node, "momentum", 0.9)))}
         elif op in ("LayerNormalization", "InstanceNormalization", "GroupNormalization"):
-            attrs[module] = {"eps": float(_attr(node, "epsilon", 1e-5))}
+            attrs[module] = {"eps": _f32(_attr(node, "epsilon", 1e-5))}
         presented.extend(entries)
     return presented, modules, attrs
 
@@ -412,6 +420,21 @@ def _convs_without_norm(uses: list[_Use], outputs: dict[str, list[Any]]) -> tupl
     return len(convs), normed
 
 
+def _foldable_biases(presented: list[_Presented], outputs: dict[str, list[Any]]) -> dict[str, str]:
+    """Conv bias key -> the BatchNorm module that alone takes that conv's output (an export that kept its
+    norms): the plan moves such a bias into the norm's running mean for a target conv without a bias."""
+    norms = {id(p.use.node): p.name.rpartition(".")[0] for p in presented
+             if p.use.node.op_type == "BatchNormalization"}
+    found = {}
+    for p in presented:
+        node = p.use.node
+        if node.op_type == "Conv" and p.use.slot == 2 and node.output:
+            takers = outputs.get(node.output[0], [])
+            if len(takers) == 1 and id(takers[0]) in norms:
+                found[p.name] = norms[id(takers[0])]
+    return found
+
+
 def read_onnx(path: str | Path) -> Source:
     """An ONNX model's weights as a Source, in the order its graph uses them (see the module docstring)."""
     onnx = need("onnx", "onnx", "reading an ONNX model")
@@ -451,7 +474,8 @@ def read_onnx(path: str | Path) -> Source:
     modules = {m: k for m, k in modules.items() if m in used_modules}
     attrs = {m: a for m, a in attrs.items() if m in used_modules}
     return foreign_source(str(path), "onnx", entries, metadata=metadata, modules=modules, module_attrs=attrs,
-                          runner=lambda: OnnxRunner(p, inputs), folded_bn=convs > normed)
+                          runner=lambda: OnnxRunner(p, inputs), folded_bn=convs > normed,
+                          foldable_bias=_foldable_biases(presented, outputs))
 
 
 # ---- running it (only for --verify) ----------------------------------------------------------------------
