@@ -107,7 +107,9 @@ def foreign_source(path: str, fmt: str, entries: Sequence[ForeignTensor], *,
                    metadata: dict[str, Any] | None = None, modules: Mapping[str, str] | None = None,
                    module_attrs: Mapping[str, Mapping[str, Any]] | None = None,
                    runner: Callable[[], torch.nn.Module] | None = None, folded_bn: bool = False,
-                   foldable_bias: Mapping[str, str] | None = None) -> Source:
+                   foldable_bias: Mapping[str, str] | None = None,
+                   flow: Mapping[str, set[str]] | None = None,
+                   joined: set[tuple[str, str]] | None = None) -> Source:
     """A `Source` of another framework's tensors, in the order given (the source's execution order).
 
     Args:
@@ -120,6 +122,9 @@ def foreign_source(path: str, fmt: str, entries: Sequence[ForeignTensor], *,
             without a bias followed by a BatchNorm nothing places gets the folded kernel, the norm the identity.
         foldable_bias: conv bias key -> the BatchNorm module it feeds alone: folded into that norm's running
             mean when the target conv has no bias.
+        flow, joined: the data flow between the presented modules, when the file describes the graph (a Keras
+            config): producer -> consumers, and the edges that pass only through an addition (`match.trace`'s
+            `Trace.flow`/`joined`); the structure stage then settles look-alike modules by their neighbours.
     """
     seen: set[str] = set()
     for e in entries:
@@ -134,4 +139,6 @@ def foreign_source(path: str, fmt: str, entries: Sequence[ForeignTensor], *,
                   origins={e.name: e.origin for e in entries},
                   layouts={e.name: (e.layout, dict(e.args)) for e in entries if e.layout is not None},
                   module_attrs={k: dict(v) for k, v in (module_attrs or {}).items()},
-                  runner=runner, folded_bn=folded_bn, foldable_bias=dict(foldable_bias or {}))
+                  runner=runner, folded_bn=folded_bn, foldable_bias=dict(foldable_bias or {}),
+                  flow={k: set(v) for k, v in flow.items()} if flow is not None else None,
+                  joined=set(joined or ()))

@@ -198,7 +198,7 @@ def _config_layers(model: dict[str, Any], group: Any, prefix: str, path: Path) -
     used: dict[str, int] = {}
     names = [(entry.get("name") or (entry.get("config") or {}).get("name") or f"layer_{i}") for i, entry in
              enumerate(layers)]
-    by_name = {n: _module_name(prefix + n) for n in names}
+    by_name = {n: prefix + _module_name(n) for n in names}
     previous: str | None = None
     for entry, name in zip(layers, names):
         layer_cls = entry.get("class_name")
@@ -208,7 +208,7 @@ def _config_layers(model: dict[str, Any], group: Any, prefix: str, path: Path) -
         sub = group.get(f"layers/{key}") if group is not None and "layers" in group else None
         config = entry.get("config") or {}
         if layer_cls in _MODELS and config.get("layers") is not None:
-            yield from _config_layers(entry, sub, f"{prefix}{name}.", path)
+            yield from _config_layers(entry, sub, f"{by_name[name]}.", path)
             previous = by_name[name]
             continue
         layer = _Layer(by_name[name], layer_cls, config)
@@ -663,6 +663,110 @@ def _channels_of(layer: _Layer) -> int | None:
     return None
 
 
+@dataclass
+class _Node:
+    name: str  # the layer's module path, nested models' layers under theirs
+    inputs: list[str]
+    modules: list[str]  # the PyTorch modules it presents, in the order data passes them (none: no weights)
+
+
+def _graph(model: dict[str, Any], prefix: str = "", outer_inputs: list[str] | None = None) -> list[_Node]:
+    """The config's layers as nodes of a data-flow graph, in the config's order. A nested model's input layers
+    read what the model was called on, and the model passes on its (first) output layer's value."""
+    cls = model.get("class_name")
+    config = model.get("config") or {}
+    entries = config.get("layers") or []
+    nodes: list[_Node] = []
+    names = [e.get("name") or (e.get("config") or {}).get("name") or f"layer_{i}" for i, e in enumerate(entries)]
+    path = {n: prefix + _module_name(n) for n in names}
+    previous: list[str] = list(outer_inputs or [])
+    for entry, name in zip(entries, names):
+        kind = entry.get("class_name")
+        if kind == "InputLayer":
+            inputs = list(outer_inputs or [])
+        elif cls == "Sequential":
+            inputs = previous
+        else:
+            inputs = [path[n] for n in _layer_inputs(entry) if n in path]
+        if kind in _MODELS and (entry.get("config") or {}).get("layers") is not None:
+            inner = _graph(entry, path[name] + ".", inputs)
+            nodes += inner
+            outputs = _output_names(entry, path[name] + ".") or ([inner[-1].name] if inner else [])
+            nodes.append(_Node(path[name], outputs[:1], []))
+        else:
+            nodes.append(_Node(path[name], inputs, [path[name]]))
+        previous = [path[name]]
+    return nodes
+
+
+def _execution_order(nodes: list[_Node], outputs: list[str]) -> list[str]:
+    """An execution order of the graph: the config's, except where branches meet (an Add, a Concatenate), whose
+    longer branch runs first. Keras lists a residual block's shortcut conv before its main path when the
+    shortcut was made first (ResNet50); PyTorch's blocks (torchvision, timm) run the main path first, and the
+    structure stage aligns by order. Depth-first from the outputs, inputs deepest first."""
+    by_name = {n.name: n for n in nodes}
+    depth: dict[str, int] = {}
+    for n in nodes:  # the config lists a layer after those it reads
+        depth[n.name] = 1 + max((depth.get(i, 0) for i in n.inputs), default=0)
+    order: list[str] = []
+    done: set[str] = set()
+    for out in [o for o in outputs if o in by_name] + [n.name for n in reversed(nodes)]:
+        stack: list[tuple[str, bool]] = [(out, False)]
+        while stack:
+            name, expanded = stack.pop()
+            if name in done:
+                continue
+            if expanded:
+                done.add(name)
+                order.append(name)
+                continue
+            stack.append((name, True))
+            inputs = [i for i in by_name[name].inputs if i in by_name and i not in done]
+            # pushed shallowest first, so the deepest input is visited (and emitted) first
+            for i in sorted(inputs, key=lambda i: depth.get(i, 0)):
+                stack.append((i, False))
+    return order
+
+
+def _output_names(model: dict[str, Any], prefix: str) -> list[str]:
+    outputs = (model.get("config") or {}).get("output_layers") or []
+    if outputs and isinstance(outputs[0], str):  # one output: [name, node, tensor]
+        outputs = [outputs]
+    return [prefix + _module_name(o[0]) for o in outputs if isinstance(o, list) and o and isinstance(o[0], str)]
+
+
+def _flow(nodes: list[_Node], present: dict[str, list[str]]) -> tuple[dict[str, set[str]], set[tuple[str, str]]]:
+    """Producer module -> consumer modules, and the edges that pass only through a meeting of values (an Add, a
+    Concatenate), as `torchgraft.match.trace` records them for a PyTorch model: each value is tagged with the
+    modules it comes from; a layer without weights passes its one input's tag on, and where several values meet
+    the tag is the union of those that are not themselves meetings."""
+    tags: dict[str, tuple[frozenset[str], bool]] = {}
+    direct: set[tuple[str, str]] = set()
+    met_edges: set[tuple[str, str]] = set()
+    for node in nodes:
+        inputs = [tags[i] for i in node.inputs if i in tags and tags[i][0]]
+        modules = present.get(node.name, [])
+        if modules:
+            for producers, met in inputs:
+                (met_edges if met else direct).update((p, modules[0]) for p in producers)
+            direct.update(zip(modules, modules[1:]))
+            tags[node.name] = (frozenset([modules[-1]]), False)
+        elif len(inputs) == 1:
+            tags[node.name] = inputs[0]
+        elif inputs:
+            fresh = [m for m, met in inputs if not met]
+            tags[node.name] = (frozenset().union(*(fresh or [m for m, _ in inputs])), True)
+    flow: dict[str, set[str]] = {}
+    for a, b in direct | met_edges:
+        flow.setdefault(a, set()).add(b)
+    return flow, met_edges - direct
+
+
+def _layer_of(module: str) -> str:
+    """The layer a presented module belongs to (a SeparableConv's two convs belong to one layer)."""
+    return module.rsplit(".", 1)[0] if module.endswith((".depthwise", ".pointwise")) else module
+
+
 def _foldable(layers: dict[str, _Layer]) -> dict[str, str]:
     """Conv biases whose conv feeds one BatchNormalization and nothing else."""
     consumers: dict[str, list[str]] = {}
@@ -682,7 +786,7 @@ def _foldable(layers: dict[str, _Layer]) -> dict[str, str]:
 
 
 def _source(path: Path, fmt: str, layers: list[_Layer], metadata: dict[str, Any],
-            runner: Callable[[], ForeignRunner] | None) -> Source:
+            runner: Callable[[], ForeignRunner] | None, config: dict[str, Any] | None = None) -> Source:
     by_module = {layer.module: layer for layer in layers}
     entries: list[ForeignTensor] = []
     modules: dict[str, str] = {}
@@ -698,8 +802,21 @@ def _source(path: Path, fmt: str, layers: list[_Layer], metadata: dict[str, Any]
         raise CheckpointError(f"{path}: no weights in the file; expected a Keras model's variables. Was it saved "
                               "before the model was built?")
     foldable = {k: v for k, v in _foldable(by_module).items() if any(e.name == k for e in entries)}
+    flow: dict[str, Any] = {}
+    if config is not None:
+        nodes = _graph(config)
+        outputs = _output_names(config, "") or ([nodes[-1].name] if nodes else [])
+        rank = {name: i for i, name in enumerate(_execution_order(nodes, outputs))}
+        module_rank = {e.name: rank.get(_layer_of(e.name.rpartition(".")[0]), len(rank)) for e in entries}
+        entries = sorted(entries, key=lambda e: module_rank[e.name])  # stable: a layer's tensors keep their order
+        present: dict[str, list[str]] = {}
+        for e in entries:
+            module = e.name.rpartition(".")[0]
+            if module not in present.setdefault(_layer_of(module), []):
+                present[_layer_of(module)].append(module)
+        flow["flow"], flow["joined"] = _flow(nodes, present)
     return foreign_source(str(path), fmt, entries, metadata=metadata, modules=modules, module_attrs=attrs,
-                          runner=runner, foldable_bias=foldable)
+                          runner=runner, foldable_bias=foldable, **flow)
 
 
 # ---- the three kinds of file --------------------------------------------------------------------------------
@@ -727,7 +844,7 @@ def read_keras(path: str | os.PathLike[str]) -> Source:
     layers = _layers_or_refuse(lambda: list(_config_layers(config, f, "", p)), p)
     meta = {"keras_version": metadata.get("keras_version"), "model": config.get("class_name"),
             "order": "the config's layer order"}
-    return _source(p, "keras", layers, meta, lambda: KerasRunner(p))
+    return _source(p, "keras", layers, meta, lambda: KerasRunner(p), config)
 
 
 def read_h5(path: str | os.PathLike[str]) -> Source:
@@ -748,7 +865,7 @@ def read_h5(path: str | os.PathLike[str]) -> Source:
                 "backend": _text(root.attrs.get("backend", f.attrs.get("backend", ""))) or None,
                 "model": (config or {}).get("class_name"), "order": "the file's layer_names"}
         runner = (lambda: KerasRunner(p)) if config is not None else None
-        return _source(p, "keras-h5", layers, meta, runner)
+        return _source(p, "keras-h5", layers, meta, runner, config)
     if "layers" not in f and "vars" not in f:
         raise CheckpointError(f"{p}: an HDF5 file with neither layer_names nor layers/.../vars (it holds "
                               f"{list(f)[:5]}); expected a Keras .weights.h5 or .h5 file.")

@@ -80,6 +80,10 @@ class Source:
     runner: Any = None
     folded_bn: bool = False
     foldable_bias: dict[str, str] = field(default_factory=dict)
+    # Data flow between its modules when the file describes the graph (a Keras config), as `match.trace` records
+    # it for a PyTorch model: producer -> consumers, and the edges that pass only through an addition.
+    flow: dict[str, set[str]] | None = None
+    joined: set[tuple[str, str]] = field(default_factory=set)
 
     def keys(self) -> list[str]:
         return list(self.info)

@@ -480,6 +480,9 @@ def trace(st: State) -> None:
         if traced.order is not None:
             st.source_order = [k for k in traced.order if k in st.src] + [k for k in st.src if k not in
                                                                           set(traced.order)]
+    elif getattr(st.source, "flow", None) is not None:  # a file that describes its graph (a Keras config)
+        st.source_flow, st.source_joined = st.source.flow, st.source.joined
+        st.notes.append("source data flow from the file's graph")
 
 
 def drops(st: State) -> None:
