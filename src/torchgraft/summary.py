@@ -32,12 +32,23 @@ def describe_source(source: Source) -> dict[str, Any]:
         "wrapper": source.wrapper,
         "num_tensors": len(source),
         "num_params": source.num_params,
-        "tensors": [{"key": k, "shape": list(v.shape), "dtype": v.dtype} for k, v in source.info.items()],
+        "tensors": [{"key": k, "shape": list(v.shape), "dtype": v.dtype, **_foreign(source, k)}
+                    for k, v in source.info.items()],
     }
     if source.modules is not None:
         out["modules"] = source.modules
     if source.metadata:
         out["metadata"] = _jsonable(source.metadata)
+    return out
+
+
+def _foreign(source: Source, key: str) -> dict[str, Any]:
+    """Another framework's tensor: its name in the file and the layout adapter that lays it out."""
+    out: dict[str, Any] = {}
+    if key in source.origins:
+        out["in_file"] = source.origins[key]
+    if key in source.layouts:
+        out["layout"], out["layout_args"] = source.layouts[key]
     return out
 
 

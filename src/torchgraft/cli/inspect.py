@@ -17,7 +17,9 @@ from torchgraft.summary import collapse_indices, describe_model, describe_source
 DESCRIPTION = """Show what a checkpoint holds, or what a model is made of.
 
 Reads any checkpoint safely (no code from the file runs): torch zip and legacy files, whole-model pickles,
-TorchScript, safetensors (and shards), Hugging Face folders, training checkpoints. With --model, --freeze and
+TorchScript, safetensors (and shards), Hugging Face folders, training checkpoints, torch.distributed.checkpoint
+folders, and other frameworks' files (Keras .keras/.weights.h5/.h5, ONNX .onnx, NumPy .npz, Flax .msgpack),
+shown under PyTorch names and layout (--all lists each tensor's name in the file). With --model, --freeze and
 --unfreeze show what a freezing policy leaves trainable (patterns are globs over parameter and module names;
 BatchNorm layers whose parameters are all frozen stay in eval mode).
 
@@ -25,6 +27,7 @@ Examples:
   graft inspect resnet50-0676ba61.pth
   graft inspect model.safetensors --json
   graft inspect last.ckpt --key ema
+  graft inspect model.keras --all
   graft inspect --model torchvision:resnet18
   graft inspect --model timm:vit_tiny_patch16_224 --model-kwargs '{"num_classes": 10}'
   graft inspect --model torchvision:resnet18 --freeze 'layer[1-3]'
@@ -83,7 +86,9 @@ def _render_source(src: Source, every_tensor: bool, numeric: list[dict] | None =
     console.print(f"format [cyan]{src.format}[/]   wrapper [cyan]{src.wrapper or '-'}[/]   "
                   f"tensors [bold]{len(src)}[/]   parameters [bold]{src.num_params:,}[/] ({human(src.num_params)})")
     table = Table(show_edge=False, pad_edge=False)
-    for col, just in (("key", "left"), ("shape", "left"), ("dtype", "left"), ("parameters", "right")):
+    foreign = every_tensor and bool(src.origins)
+    for col, just in (("key", "left"), ("shape", "left"), ("dtype", "left"), ("parameters", "right"),
+                      *((("in the file", "left"),) if foreign else ())):
         table.add_column(col, justify=just)
     if every_tensor:
         last_prefix = None
@@ -92,7 +97,9 @@ def _render_source(src: Source, every_tensor: bool, numeric: list[dict] | None =
             if last_prefix is not None and prefix != last_prefix:
                 table.add_section()
             last_prefix = prefix
-            table.add_row(k, str(list(t.shape)), t.dtype, f"{t.numel:,}")
+            layout = src.layouts.get(k, (None,))[0]
+            where = [f"{src.origins.get(k, k)}" + (f" ({layout})" if layout else "")] if foreign else []
+            table.add_row(k, str(list(t.shape)), t.dtype, f"{t.numel:,}", *where)
     else:
         infos = list(src.info.values())
         for label, members in collapse_indices(list(src.info)):

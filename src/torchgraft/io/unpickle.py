@@ -500,3 +500,38 @@ def _resolve_legacy(path: str, obj: Any, storages: dict[str, torch.storage.Typed
         return value
 
     return walk(obj)
+
+
+# ---- torch.distributed.checkpoint's .metadata --------------------------------------------------------------
+
+
+def _layout_named(name: Any) -> torch.layout:
+    value = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(value, torch.layout):
+        raise _Refused(f"torch.serialization._get_layout({name!r})")
+    return value
+
+
+def _enum_value(value: Any) -> Any:
+    if not isinstance(value, (int, str)):
+        raise _Refused(f"an enum of {type(value).__name__}")
+    return value
+
+
+class _MetadataUnpickler(_RestrictedUnpickler):
+    """A DCP `.metadata` pickle: its dataclasses become placeholders, and besides tensor and container data it
+    may name a layout by its name, an enum member by its value (`_MEM_FORMAT_ENCODING`) and a path."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _layout_named
+        if module.startswith("torch.distributed.checkpoint.") and name == "_MEM_FORMAT_ENCODING":
+            return _enum_value
+        if module == "pathlib" and name in ("PosixPath", "WindowsPath", "PurePosixPath", "Path"):
+            return lambda *parts: "/".join(str(p) for p in parts)
+        return super().find_class(module, name)
+
+
+def unpickle_dcp_metadata(path: str, f: IO[bytes]) -> Any:
+    """A `torch.distributed.checkpoint` folder's `.metadata`, read without running anything it names."""
+    return _run(path, _MetadataUnpickler(f, _no_persistent(path, "DCP metadata")))
