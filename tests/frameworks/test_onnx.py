@@ -138,7 +138,7 @@ def test_weights_with_no_names_and_no_scopes_align_by_op_order(exports, tmp_path
     """Every initializer renamed and every node name erased: only the graph's order and shapes are left."""
     path, original = exports["mobilenet_v2_legacy"]
     proto = onnx.load(str(path))
-    renames = {t.name: f"w{i}" for i, t in enumerate(proto.graph.initializer)}
+    renames = {t.name: f"val_{i}" for i, t in enumerate(proto.graph.initializer)}  # as the dynamo exporter names values
     for t in proto.graph.initializer:
         t.name = renames[t.name]
     for node in proto.graph.node:
@@ -189,6 +189,35 @@ def test_matmul_weights_and_recurrent_gates_take_pytorch_layouts(tmp_path, dynam
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     y = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
     assert (_outputs(target, x) - y).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_vit_matmul_weights_and_top_level_parameters(tmp_path, dynamo):
+    """A timm ViT: attention and MLP weights reach ONNX as MatMuls by folded (in, out) transposes (`onnx::MatMul_*`,
+    `val_*`), `pos_embed`/`cls_token` as top-level keys. The dynamo exporter folds `cls_token.expand(1, ...)` into a
+    value named after its op (`expand`), which is no key: it is named by its node and a rename rule places it."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x = torch.randn(1, 3, 32, 32)
+    path = tmp_path / "vit.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo)
+    src = tg.load(path)
+    assert src.layouts["blocks.1.mlp.fc2.weight"] == ("dense_kernel", {})
+    assert torch.equal(src["blocks.0.attn.qkv.weight"], model.blocks[0].attn.qkv.weight)
+    assert torch.equal(src["pos_embed"], model.pos_embed)
+    folded = "Concat_1.concat_input0"
+    assert ("cls_token" in src) != dynamo and (folded in src) == dynamo
+    target = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10).eval()
+    report = tg.transfer(src, target, rules={"rename": {folded: "cls_token"}} if dynamo else None)
+    assert report.verified is True and not report.unused_source
+    assert (_outputs(target, x) - _ort(path, x)).abs().max() < 1e-4
 
 
 def _conv_bn(bias: bool, eps: float = 1e-5) -> nn.Module:
@@ -326,10 +355,13 @@ def test_silero_vad_onnx_into_a_pytorch_port_matches_onnxruntime(file):
         assert sorted(k for k in src.keys() if k.startswith("else_branch."))[0] == "else_branch.decoder.decoder.2.bias"
         assert src.info["else_branch.stft.forward_basis_buffer"].shape == (130, 1, 128)  # the 8 kHz model
     x = _speech_like(CONTEXT + CHUNK)
-    y_port, _ = port(x)
+    with torch.no_grad():
+        y_port, _ = port(x)
     y_onnx = _runner(path)(x)
     assert y_port.shape == y_onnx.shape == (1, 1)
     assert (y_port - y_onnx).abs().max() < 1e-5
+    checked = tg.verify(_runner(path), port, report, inputs=x, atol=1e-5)  # the API's check, outputs only
+    assert checked.agreed == checked.compared == 1 and checked.output_max_abs_diff < 1e-5
 
 
 def test_silero_vad_state_carries_over_chunks_as_in_onnxruntime():

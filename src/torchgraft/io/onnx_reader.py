@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,17 +58,27 @@ GATE_ORDERS = {"LSTM": [0, 2, 3, 1],  # ONNX i, o, f, c -> torch i, f, g, o
                "RNN": [0]}
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
-#: PyTorch local names a kept key may end in (a name like `conv1.weight_bias` is the exporter's, not a key).
-_LOCAL_NAMES = re.compile(r"(weight|bias|running_mean|running_var|(weight|bias)_(ih|hh)(_l\d+(_reverse)?)?|"
-                          r"in_proj_(weight|bias)|[A-Za-z_]*(buffer|embedding|embeddings|token|gamma|beta|scale))")
+#: A key with a last part an exporter derived from a parameter's name (`conv1.weight_bias`, the bias the dynamo
+#: exporter made when it folded a BatchNorm into `conv1`) is not the parameter; PyTorch's own `weight_ih_l0`,
+#: `bias_k`, `weight_g` are.
+_DERIVED = re.compile(r"(weight|bias|running_mean|running_var)_(?!((ih|hh)(_l\d+)?(_reverse)?|[kvg])$)\w+")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+")
 _FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
 _INLINED = re.compile(r"^.*__Inline_\d+__")  # spox/onnx inliner prefix on names from a subgraph
 
 
-def is_kept_key(name: str) -> bool:
-    """Whether `name` is a PyTorch state-dict key an exporter kept (`layer1.0.conv1.weight`)."""
-    return bool(_KEY.fullmatch(name)) and bool(_LOCAL_NAMES.fullmatch(name.rpartition(".")[2]))
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_GENERATED = re.compile(r"val_\d+|_?v?\d+|.*_output(_\d+)?|.*Constant.*|.*_[0-9]+")  # exporters' own value names
+
+
+def is_kept_key(name: str, top_level: bool = False) -> bool:
+    """Whether `name` is a PyTorch state-dict key an exporter kept (`layer1.0.conv1.weight`); with `top_level`,
+    a model's own parameter without a module (`pos_embed`) too, unless it reads as an exporter's value name
+    (`val_12`, `Constant_3_output`, an aten op's name such as `expand` for `cls_token.expand(...)` folded)."""
+    if _KEY.fullmatch(name):
+        return not _DERIVED.fullmatch(name.rpartition(".")[2])
+    return top_level and bool(_NAME.fullmatch(name)) and not _GENERATED.fullmatch(name) \
+        and not hasattr(torch.ops.aten, name)  # the dynamo exporter names a folded value by its op: `expand`
 
 
 def module_path_from_scope(node_name: str) -> str | None:
@@ -151,6 +161,12 @@ class _Stored:
     branch: str = ""  # the subgraph that holds it ('' for the main graph)
     constant: bool = False  # a Constant node's: a weight only in a weight slot or under a kept key
 
+    @property
+    def key(self) -> str | None:
+        """The PyTorch key it is stored under, when the exporter kept it (an initializer may be top-level)."""
+        name = _clean(self.origin)
+        return name if is_kept_key(name, top_level=not self.constant) else None
+
 
 @dataclass
 class _Use:
@@ -158,7 +174,6 @@ class _Use:
     index: int  # the node's place among the nodes that consume weights
     slot: int
     stored: _Stored
-    branch: str  # the subgraph path the node is in ('' for the main graph)
 
 
 def _float_tensor(t: Any) -> bool:
@@ -171,7 +186,7 @@ def _is_weight(op: str, slot: int, stored: _Stored) -> bool:
     recurrent state) are not, and do not count in the op order."""
     if not _float_tensor(stored.tensor):
         return False
-    if is_kept_key(_clean(stored.origin)):
+    if stored.key is not None:
         return True
     if op in GATE_ORDERS:  # X, W, R, B, sequence_lens, initial_h, initial_c, P: the states are inputs
         return slot in (1, 2, 3, 7)
@@ -188,13 +203,13 @@ def _constant_tensor(node: Any) -> Any | None:
 
 
 def _walk(graph: Any, scope: dict[str, _Stored], branch: str, uses: list[_Use], counter: list[int],
-          outputs: dict[str, list[Any]]) -> None:
+          consumers: dict[str, list[Any]]) -> None:
     scope = dict(scope)
     for t in graph.initializer:
         scope[t.name] = _Stored(t.name, t, branch)
     for node in graph.node:
-        for out in node.input:
-            outputs.setdefault(out, []).append(node)
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
         if node.op_type == "Constant":
             t = _constant_tensor(node)
             if t is not None and _float_tensor(t) and node.output:
@@ -207,12 +222,12 @@ def _walk(graph: Any, scope: dict[str, _Stored], branch: str, uses: list[_Use], 
                  if name in scope and _is_weight(node.op_type, slot, scope[name])]
         if found:
             for slot, stored in found:
-                uses.append(_Use(node, counter[0], slot, stored, branch))
+                uses.append(_Use(node, counter[0], slot, stored))
             counter[0] += 1
         for a in node.attribute:
             graphs = [a.g] if a.type == 5 else list(a.graphs) if a.type == 10 else []  # GRAPH, GRAPHS
             for g in graphs:
-                _walk(g, scope, f"{branch}/{node.name or node.op_type}:{a.name}", uses, counter, outputs)
+                _walk(g, scope, f"{branch}/{node.name or node.op_type}:{a.name}", uses, counter, consumers)
 
 
 def _f32(value: float) -> float:
@@ -236,35 +251,34 @@ def _clean(origin: str) -> str:
     return _INLINED.sub("", origin)
 
 
-def _node_module(node: Any, uses: list[_Use], index: int) -> tuple[str, str]:
-    """The module a node belongs to and how that was found: a kept key in its weight slot, its scope name, the
-    dynamo exporter's name scopes (unless a rewrite moved the node), or its op order."""
+def _node_module(node: Any, uses: list[_Use], index: int) -> str:
+    """The module a node belongs to: from a kept key in its weight slot, its scope name (legacy exporter), the
+    dynamo exporter's name scopes (unless a rewrite such as a BatchNorm fold moved the node), else its op order."""
     weight_slot = min(SLOT_NAMES.get(node.op_type, {1: ""}))
     for u in uses:
-        name = _clean(u.stored.origin)
-        if u.slot == weight_slot and is_kept_key(name):
-            return name.rpartition(".")[0], "kept"
+        key = u.stored.key
+        if u.slot == weight_slot and key is not None and "." in key:
+            return key.rpartition(".")[0]
     scoped = module_path_from_scope(node.name)
     if scoped:
-        return scoped, "scope"
+        return scoped
     meta = {p.key: p.value for p in node.metadata_props}
     if "pkg.torch.onnx.name_scopes" in meta and "pkg.onnxscript.rewriter.rule_name" not in meta:
-        try:
-            scopes = [s for s in eval_literal_list(meta["pkg.torch.onnx.name_scopes"]) if s]
-        except ValueError:
-            scopes = []
-        if len(scopes) >= 2:
-            return scopes[-2], "scope"
-    return f"{node.op_type}_{index}", "order"
+        scopes = [s for s in _string_list(meta["pkg.torch.onnx.name_scopes"]) if s]
+        if len(scopes) >= 2:  # [..., module path, op]
+            return scopes[-2]
+    return f"{node.op_type}_{index}"
 
 
-def eval_literal_list(text: str) -> list[str]:
+def _string_list(text: str) -> list[str]:
+    """A list of strings written as a Python literal (parsed, never evaluated); [] for anything else."""
     import ast
 
-    value = ast.literal_eval(text)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(text)
-    return value
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, RecursionError, MemoryError, TypeError):
+        return []
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else []
 
 
 @dataclass
@@ -327,7 +341,7 @@ def _present(uses: list[_Use], path: Path) -> tuple[list[_Presented], dict[str, 
     for index, node_uses in by_node.items():
         node = node_uses[0].node
         op = node.op_type
-        module, how = _node_module(node, node_uses, index)
+        module = _node_module(node, node_uses, index)
         if op in GATE_ORDERS:
             layer = layers.get(module, 0)
             layers[module] = layer + 1
@@ -336,10 +350,14 @@ def _present(uses: list[_Use], path: Path) -> tuple[list[_Presented], dict[str, 
         else:
             entries, rest = [], node_uses
         slots = SLOT_NAMES.get(op, {})
+        if op == "Gemm" and (float(_attr(node, "alpha", 1.0)) != 1.0 or float(_attr(node, "beta", 1.0)) != 1.0):
+            raise CheckpointError(f"{path}: Gemm {node.name or index} scales its product (alpha "
+                                  f"{_attr(node, 'alpha', 1.0)}, beta {_attr(node, 'beta', 1.0)}); expected 1 and 1 "
+                                  "as nn.Linear computes. Nothing was read; fold the scales into the weights first.")
         for u in rest:
-            name, dims = _clean(u.stored.origin), _dims(u.stored.tensor)
-            if is_kept_key(name):
-                entries.append(_Presented(name, u, dims))  # the parameter itself, as PyTorch holds it
+            dims = _dims(u.stored.tensor)
+            if u.stored.key is not None:
+                entries.append(_Presented(u.stored.key, u, dims))  # the parameter itself, as PyTorch holds it
                 continue
             local = slots.get(u.slot, f"{op.lower()}_input{u.slot}")
             entry = _Presented(f"{module}.{local}", u, dims)
@@ -376,17 +394,15 @@ def _unique(presented: list[_Presented]) -> list[_Presented]:
         if name in seen:
             if seen[name] == id(p.use.stored):
                 continue
-            name = f"{p.use.node.op_type}_{p.use.index}.{name.rpartition('.')[2]}"
-            if name in seen:
-                continue
-        seen[name] = id(p.use.stored)
+            name = f"{p.use.node.op_type}_{p.use.index}.{name.rpartition('.')[2]}"  # foreign_source refuses a
+        seen[name] = id(p.use.stored)                                              # name that still collides
         p.name = name
         out.append(p)
     return out
 
 
 def _branch_prefix(branch: str) -> str:
-    """`/If_0:then_branch` -> `then_branch.`; nested ones joined (`If_0.then_branch` is never a module name)."""
+    """`/If_0:then_branch` -> `then_branch.`; a branch inside a branch gives `then_branch.else_branch.`."""
     parts = [seg.rpartition(":")[2] for seg in branch.split("/") if seg]
     return ".".join(parts) + "."
 
@@ -412,15 +428,15 @@ def _io(graph: Any, initializers: set[str]) -> list[dict[str, Any]]:
     return out
 
 
-def _convs_without_norm(uses: list[_Use], outputs: dict[str, list[Any]]) -> tuple[int, int]:
+def _convs_without_norm(uses: list[_Use], consumers: dict[str, list[Any]]) -> tuple[int, int]:
     """(convs, convs whose output goes to a BatchNormalization): the rest may hold one an exporter folded."""
     convs = {id(u.node): u.node for u in uses if u.node.op_type in ("Conv", "ConvTranspose") and u.slot == 1}
     normed = sum(1 for n in convs.values()
-                 if any(c.op_type == "BatchNormalization" for o in n.output for c in outputs.get(o, [])))
+                 if any(c.op_type == "BatchNormalization" for o in n.output for c in consumers.get(o, [])))
     return len(convs), normed
 
 
-def _foldable_biases(presented: list[_Presented], outputs: dict[str, list[Any]]) -> dict[str, str]:
+def _foldable_biases(presented: list[_Presented], consumers: dict[str, list[Any]]) -> dict[str, str]:
     """Conv bias key -> the BatchNorm module that alone takes that conv's output (an export that kept its
     norms): the plan moves such a bias into the norm's running mean for a target conv without a bias."""
     norms = {id(p.use.node): p.name.rpartition(".")[0] for p in presented
@@ -429,7 +445,7 @@ def _foldable_biases(presented: list[_Presented], outputs: dict[str, list[Any]])
     for p in presented:
         node = p.use.node
         if node.op_type == "Conv" and p.use.slot == 2 and node.output:
-            takers = outputs.get(node.output[0], [])
+            takers = consumers.get(node.output[0], [])
             if len(takers) == 1 and id(takers[0]) in norms:
                 found[p.name] = norms[id(takers[0])]
     return found
@@ -442,8 +458,8 @@ def read_onnx(path: str | Path) -> Source:
     model = _parse(p, onnx)
     graph = model.graph
     uses: list[_Use] = []
-    outputs: dict[str, list[Any]] = {}
-    _walk(graph, {}, "", uses, [0], outputs)
+    consumers: dict[str, list[Any]] = {}
+    _walk(graph, {}, "", uses, [0], consumers)
     presented, modules, attrs = _present(uses, p)
     presented = _unique(presented)
     entries = []
@@ -454,7 +470,7 @@ def read_onnx(path: str | Path) -> Source:
             read = (lambda r, f: (lambda: f(r())))(read, e.part)
         entries.append(ForeignTensor(e.name, e.use.stored.origin, read, tuple(e.shape),
                                      _FLOAT_TYPES[t.data_type], e.layout, dict(e.args or {})))
-    convs, normed = _convs_without_norm(uses, outputs)
+    convs, normed = _convs_without_norm(uses, consumers)
     initializers = {t.name for t in graph.initializer}
     inputs = _io(graph.input, initializers)
     metadata: dict[str, Any] = {
@@ -475,7 +491,7 @@ def read_onnx(path: str | Path) -> Source:
     attrs = {m: a for m, a in attrs.items() if m in used_modules}
     return foreign_source(str(path), "onnx", entries, metadata=metadata, modules=modules, module_attrs=attrs,
                           runner=lambda: OnnxRunner(p, inputs), folded_bn=convs > normed,
-                          foldable_bias=_foldable_biases(presented, outputs))
+                          foldable_bias=_foldable_biases(presented, consumers))
 
 
 # ---- running it (only for --verify) ----------------------------------------------------------------------
