@@ -146,3 +146,25 @@ def test_bad_npz_is_one_error_line(tmp_path, damage):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in done.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_diff_names_the_export_against_the_model(tmp_path):
+    np.savez(tmp_path / "vit.npz", **export(_vit()))
+    done = subprocess.run([sys.executable, "-m", "torchgraft.cli", "diff", str(tmp_path / "vit.npz"),
+                           "timm:vit_tiny_patch16_224"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "only in A" in done.stdout and "Transformer.encoderblock" in done.stdout
+
+
+def test_a_missing_extra_names_the_install(tmp_path, monkeypatch):
+    (tmp_path / "flax_model.msgpack").write_bytes(b"\x80")
+    monkeypatch.setitem(sys.modules, "msgpack", None)  # as if it were not installed
+    with pytest.raises(tg.errors.CheckpointError, match=r"pip install 'torchgraft\[flax\]'"):
+        tg.load(tmp_path / "flax_model.msgpack")
+
+
+def test_a_damaged_msgpack_is_one_error(tmp_path):
+    pytest.importorskip("msgpack")
+    (tmp_path / "flax_model.msgpack").write_bytes(b"\x85\xa6params\x81")
+    with pytest.raises(tg.errors.CheckpointError, match="not a readable msgpack"):
+        tg.load(tmp_path / "flax_model.msgpack")
