@@ -168,3 +168,21 @@ def test_a_damaged_msgpack_is_one_error(tmp_path):
     (tmp_path / "flax_model.msgpack").write_bytes(b"\x85\xa6params\x81")
     with pytest.raises(tg.errors.CheckpointError, match="not a readable msgpack"):
         tg.load(tmp_path / "flax_model.msgpack")
+
+
+def test_big_vision_export_into_a_hugging_face_vit(tmp_path):
+    """Another library's ViT: transformers keeps query, key and value apart, as the export does."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    original = _vit()
+    np.savez(tmp_path / "vit.npz", **export(original, big_vision=True))
+    config = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                       image_size=64, patch_size=16, num_labels=10, layer_norm_eps=1e-6)
+    target = ViTForImageClassification(config).eval()
+    report = tg.transfer(tmp_path / "vit.npz", target, strict=True)
+    assert not report.unused_source
+    q = report.entry("vit.encoder.layer.5.attention.attention.query.weight")
+    assert q.source == "Transformer.encoderblock_5.MultiHeadDotProductAttention_0.query.weight"
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert float((target(pixel_values=x).logits - original.eval()(x)).abs().max()) < 1e-4
