@@ -1,0 +1,327 @@
+"""Keras files (`.keras`, `.weights.h5`, legacy `.h5`) into PyTorch models, with real files made here by Keras 3
+on the torch backend: `keras.applications` models with `weights=None` (nothing downloads) whose BatchNorm
+statistics are set to non-trivial values (`keras_ports.calibrate_batchnorms`), small hand-made models, and
+their PyTorch counterparts. Every transfer is checked against Keras' own output on the same input."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports keras
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import torchgraft as tg  # noqa: E402
+from torchgraft.cli import main  # noqa: E402
+from torchgraft.errors import CheckpointError  # noqa: E402
+from torchgraft.io.keras_reader import KerasRunner  # noqa: E402
+from torchgraft.layout import channels_last_kernel, flatten_channels_last  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import keras_ports as kp  # noqa: E402
+
+PORTS = Path(__file__).parent / "keras_ports.py"
+FORMATS = ("keras", "weights.h5", "h5")
+X = torch.rand(2, 3, kp.IMAGE, kp.IMAGE, generator=torch.Generator().manual_seed(0))
+
+
+def _save(model, folder: Path, name: str) -> dict[str, Path]:
+    paths = {fmt: folder / f"{name}.{fmt}" for fmt in FORMATS}
+    model.save(paths["keras"])
+    model.save_weights(paths["weights.h5"])
+    model.save(paths["h5"])  # Keras 3 still writes the legacy HDF5 format (layer_names / weight_names)
+    return paths
+
+
+def _keras_output(model, x: torch.Tensor) -> torch.Tensor:
+    """Keras' own output for a PyTorch-layout input (channels last for Keras when it is an image batch)."""
+    import keras
+
+    y = model(x.permute(0, 2, 3, 1) if x.dim() == 4 else x, training=False)
+    return torch.as_tensor(keras.ops.convert_to_numpy(y))
+
+
+def _max_diff(model: torch.nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model.eval()(x) - expected).abs().max())
+
+
+def _tolerance(expected: torch.Tensor) -> float:
+    """float32 sums of a deep network: 1e-4, or 1e-5 of the outputs' scale when that is larger."""
+    return 1e-4 + 1e-5 * float(expected.abs().max())
+
+
+@pytest.fixture(scope="module")
+def apps(tmp_path_factory):
+    """Each application saved in the three formats, with Keras' output on `X` and the Keras model itself."""
+    folder = tmp_path_factory.mktemp("keras_apps")
+    made = {}
+    for name in ("DenseNet121", "ResNet50", "MobileNetV2"):
+        model = kp.application(name)
+        made[name] = (_save(model, folder, name), _keras_output(model, X), model)
+    return made
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keras_small")
+    model = kp.keras_small_convnet()
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    return _save(model, folder, "small"), x, _keras_output(model, x), model
+
+
+@pytest.fixture(scope="module")
+def recurrent(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keras_rnn")
+    model = kp.keras_recurrent()
+    x = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(2))
+    return _save(model, folder, "rnn"), x, _keras_output(model, x)
+
+
+# ---- keras.applications into torchvision ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_densenet121_from_each_file_gives_keras_outputs(apps, fmt):
+    """DenseNet has no padding Keras and torchvision place differently: every file gives Keras' outputs."""
+    paths, expected, keras_model = apps["DenseNet121"]
+    model = torchvision.models.densenet121(num_classes=kp.CLASSES)
+    report = tg.transfer(paths[fmt], model, source_model=None, strict=True, input_shape=(1, 3, 64, 64))
+    assert not report.unused_source
+    assert _max_diff(model, X, expected) < _tolerance(expected)
+    # by value: the stem conv is Keras' conv1_conv kernel laid out (out, in, kh, kw)
+    stem = report.entry("features.conv0.weight")
+    assert stem.layout == "channels_last_kernel" and stem.source == "conv1_conv.weight"
+    kernel = torch.as_tensor(keras_model.get_layer("conv1_conv").get_weights()[0])
+    assert torch.equal(model.features.conv0.weight.detach(), channels_last_kernel(kernel))
+    head = report.entry("classifier.weight")
+    assert head.source == "predictions.weight" and head.layout == "dense_kernel"
+    if fmt != "weights.h5":  # the config says Keras' epsilon; a .weights.h5 alone does not
+        assert model.features.norm0.eps == pytest.approx(1.001e-5)
+        assert model.features.norm0.momentum == pytest.approx(0.01)
+
+
+def test_resnet50_conv_biases_move_into_the_norms(apps):
+    """Keras' ResNet50 is ResNet v1: a bias on every conv before its BatchNorm, and the stride of each
+    downsampling block on its first 1x1 conv. The biases move into the norms' running means
+    (`bias_into_bn`), and the look-alike 1x1 convs of the first block (main path and shortcut, both 64 -> 256)
+    are told apart by the config's data flow. torchvision's v1.5 strides the 3x3 conv instead, so the target
+    is `keras_ports.resnet50_v1` (the stride moved back; the weights are the same)."""
+    paths, expected, _ = apps["ResNet50"]
+    model = kp.resnet50_v1()
+    report = tg.transfer(paths["keras"], model, source_model=None, strict=True, input_shape=(1, 3, 64, 64))
+    assert _max_diff(model, X, expected) < _tolerance(expected)
+    moved = [e for e in report.entries if e.adapter == "bias_into_bn"]
+    assert len(moved) == 53 and not report.unused_source
+    assert report.entry("layer1.0.conv3.weight").source == "conv2_block1_3_conv.weight"
+    assert report.entry("layer1.0.downsample.0.weight").source == "conv2_block1_0_conv.weight"
+    assert report.entry("layer1.0.bn3.running_mean").source == ["conv2_block1_3_bn.running_mean",
+                                                                 "conv2_block1_3_conv.bias"]
+    # torchvision's own ResNet50 takes every tensor too, but strides elsewhere: its outputs are not Keras'
+    plain = torchvision.models.resnet50(num_classes=kp.CLASSES)
+    tg.transfer(paths["keras"], plain, source_model=None, input_shape=(1, 3, 64, 64))
+    assert _max_diff(plain, X, expected) > 1.0
+
+
+def test_mobilenet_v2_with_tensorflow_padding(apps):
+    """Keras pads a stride-2 conv of an even-sized map by (0, 1) (TF `same`, `correct_pad`); PyTorch pads by 1
+    on both sides. The weights place the same either way; with Keras' padding emulated in the target
+    (`keras_ports.tf_padding`) the outputs are Keras'; without it they differ, and only the padding differs."""
+    paths, expected, _ = apps["MobileNetV2"]
+    for fmt in ("keras", "h5"):
+        model = kp.mobilenet_v2_tf_padding()
+        report = tg.transfer(paths[fmt], model, source_model=None, strict=True, input_shape=(1, 3, 64, 64))
+        assert not report.unused_source
+        assert _max_diff(model, X, expected) < _tolerance(expected)
+        assert model.features[0][1].eps == 1e-3 and model.features[0][1].momentum == pytest.approx(0.001)
+        assert report.entry("features.2.conv.1.0.weight").args is None  # a depthwise kernel, laid out only
+        assert report.entry("features.2.conv.1.0.weight").layout == "channels_last_kernel"
+    plain = torchvision.models.mobilenet_v2(num_classes=kp.CLASSES)
+    tg.transfer(paths["keras"], plain, source_model=None, strict=True, input_shape=(1, 3, 64, 64))
+    assert _max_diff(plain, X, expected) > 0.1
+
+
+def test_a_weights_file_alone_is_ordered_by_the_file(apps):
+    """A `.weights.h5` has no config: layers are named by the names Keras recorded, classes come from the
+    paths (`conv2d_12` is a Conv2D), the order from where Keras wrote each layer. It says no epsilon, so the
+    target keeps its own (and MobileNetV2, eps 1e-3 in Keras, is then close but not equal)."""
+    paths, expected, _ = apps["MobileNetV2"]
+    source = tg.load(paths["weights.h5"])
+    assert source.format == "keras-weights" and source.metadata["order"].startswith("the order Keras wrote")
+    assert list(source.keys())[:2] == ["Conv1.weight", "bn_Conv1.weight"]
+    assert source.modules["expanded_conv_depthwise"] == "DepthwiseConv2D"
+    model = kp.mobilenet_v2_tf_padding()
+    report = tg.transfer(source, model, source_model=None, strict=True, input_shape=(1, 3, 64, 64))
+    assert not report.unused_source and model.features[0][1].eps == 1e-5
+    assert 1e-4 < _max_diff(model, X, expected) < 0.5 * float(expected.abs().max())
+
+
+# ---- small hand-made models ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dense_after_a_channels_last_flatten(small, fmt):
+    """Keras flattens (H, W, C); PyTorch (C, H, W): the Dense kernel's inputs are reordered
+    (`flatten_channels_last`), from the config's shapes (.keras, .h5) or the conv before it (.weights.h5)."""
+    paths, x, expected, keras_model = small
+    model = kp.small_convnet()
+    if fmt == "weights.h5":  # no config, so no epsilon: the model is given Keras' default for its norm
+        model[1].eps = 1e-3
+    report = tg.transfer(paths[fmt], model, source_model=None, strict=True)
+    assert _max_diff(model, x, expected) < 1e-5
+    fc = report.entry("4.weight")
+    assert fc.source == "fc.weight" and fc.layout == "flatten_channels_last"
+    kernel = torch.as_tensor(keras_model.get_layer("fc").get_weights()[0])
+    shape = [6, 6, 4] if fmt != "weights.h5" else [36, 4]  # without a config: (H*W, C), the same permutation
+    assert torch.equal(model[4].weight.detach(), flatten_channels_last(kernel, shape))
+    assert torch.equal(flatten_channels_last(kernel, [6, 6, 4]), flatten_channels_last(kernel, [36, 4]))
+    assert report.entry("0.bias").adapter is None  # the target conv has a bias: it takes Keras' own
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_lstm_and_gru_into_torch_recurrent_layers(recurrent, fmt):
+    """LSTM gates i,f,c,o are torch's i,f,g,o (kernels transposed; Keras' one bias in bias_ih, zeros in
+    bias_hh); GRU z,r,h become torch's r,z,n, its two bias rows bias_ih and bias_hh (reset_after=True)."""
+    paths, x, expected = recurrent
+    model = kp.recurrent()
+    report = tg.transfer(paths[fmt], model, source_model=None, strict=True)
+    assert _max_diff(model, x, expected) < 1e-5
+    assert report.entry("encoder.weight_ih_l0").source == "lstm.weight_ih_l0"
+    assert report.entry("decoder.weight_hh_l0").layout == "gate_order"
+    assert report.entry("decoder.weight_hh_l0").note.endswith("gates reordered [1, 0, 2], transposed") or \
+        "gates reordered [1, 0, 2], transposed" in report.entry("decoder.weight_hh_l0").note
+    assert torch.equal(model.encoder.bias_hh_l0.detach(), torch.zeros(24))
+
+
+def test_gru_reset_before_is_refused(tmp_path):
+    model = kp.keras_recurrent(reset_after=False)
+    model.save(tmp_path / "gru.keras")
+    with pytest.raises(CheckpointError, match="reset_after=False, which has no PyTorch equivalent"):
+        tg.load(tmp_path / "gru.keras")
+
+
+# ---- running the source in Keras ------------------------------------------------------------------------------
+
+
+def test_the_keras_runner_gives_keras_outputs_in_pytorch_layout(small):
+    paths, x, expected, _ = small
+    runner = KerasRunner(paths["keras"])
+    with torch.no_grad():
+        assert torch.allclose(runner(x), expected, atol=1e-6)
+    (example,) = runner.example_input()
+    assert example.shape == (2, 3, 8, 8)
+
+
+def test_a_keras_already_on_another_backend_is_one_line(monkeypatch, small):
+    import keras
+
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(CheckpointError, match="^keras was already imported with the jax backend; .*KERAS_BACKEND=torch"):
+        KerasRunner(small[0]["keras"])
+
+
+# ---- the command line -----------------------------------------------------------------------------------------
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_inspects_diffs_and_transfers_with_verify(capsys, small, tmp_path):
+    paths, x, expected, _ = small
+    code, out, _ = run(capsys, "inspect", str(paths["keras"]), "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["format"] == "keras" and shown["num_tensors"] == 8
+    assert shown["tensors"][0]["key"] == "conv.weight" and shown["tensors"][0]["shape"] == [4, 3, 3, 3]
+
+    code, out, _ = run(capsys, "diff", str(paths["keras"]), str(paths["h5"]), "--json")
+    diff = json.loads(out)
+    assert code == 0 and diff["num_common"] == 8 and not diff["only_in_a"] and not diff["shape_mismatch"]
+
+    for fmt in ("keras", "h5"):  # both hold the config: Keras builds and runs the model to verify
+        out_file, report = tmp_path / f"small_{fmt}.safetensors", tmp_path / f"report_{fmt}.json"
+        code, _, err = run(capsys, "transfer", str(paths[fmt]), "--model", f"{PORTS}:small_convnet", "--out",
+                           str(out_file), "--report", str(report), "--verify")
+        assert code == 0, err
+        data = json.loads(report.read_text())
+        assert data["verified"] is True and data["summary"]["unused_source"] == 0
+        assert "eps 1e-05 -> 0.001 from bn" in next(e["note"] for e in data["entries"] if e["target"] == "1.weight")
+        model = kp.small_convnet()
+        model.load_state_dict(load_file(out_file))
+        model[1].eps = 1e-3  # a state dict holds no epsilon: the report says it, the model must be given it
+        assert _max_diff(model, x, expected) < 1e-5
+
+
+def test_cli_verifies_an_application(capsys, apps, tmp_path):
+    paths, expected, _ = apps["DenseNet121"]
+    out_file, report = tmp_path / "densenet.safetensors", tmp_path / "report.json"
+    code, _, err = run(capsys, "transfer", str(paths["keras"]), "--model", "torchvision:densenet121",
+                       "--model-kwargs", '{"num_classes": 10}', "--input-shape", "1,3,64,64", "--out", str(out_file),
+                       "--report", str(report), "--verify")
+    assert code == 0, err
+    data = json.loads(report.read_text())
+    assert data["verified"] is True
+    model = torchvision.models.densenet121(num_classes=kp.CLASSES)
+    model.load_state_dict(load_file(out_file))
+    for m in model.modules():  # Keras' epsilon, which the report says and a state dict cannot hold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1.001e-5
+    assert _max_diff(model, X, expected) < _tolerance(expected)
+
+
+def _truncated_keras(path: Path, out: Path) -> Path:
+    whole = path.read_bytes()
+    out.write_bytes(whole[: len(whole) // 2])
+    return out
+
+
+def _corrupt_h5(path: Path, out: Path) -> Path:
+    whole = bytearray(path.read_bytes())
+    whole[8:4096] = bytes(4088)  # the superblock and the first object headers zeroed, the signature kept
+    out.write_bytes(bytes(whole))
+    return out
+
+
+def _reset_before(_: Path, out: Path) -> Path:
+    kp.keras_recurrent(reset_after=False).save(out)
+    return out
+
+
+def _no_weights(path: Path, out: Path) -> Path:
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
+        dst.writestr("config.json", src.read("config.json"))
+    return out
+
+
+@pytest.mark.parametrize("make, name, said", [
+    (_truncated_keras, "bad.keras", "not a readable .keras archive"),
+    (_corrupt_h5, "bad.h5", "not a readable HDF5 file"),
+    (_reset_before, "gru.keras", "reset_after=False, which has no PyTorch equivalent"),
+    (_no_weights, "empty.keras", "a zip without config.json and model.weights.h5"),
+])
+def test_bad_keras_files_are_one_error_line_and_nothing_written(capsys, small, tmp_path, make, name, said):
+    source = small[0]["keras"] if name.endswith(".keras") else small[0]["h5"]
+    bad = make(source, tmp_path / name)
+    out_file = tmp_path / "out.safetensors"
+    for argv in (["inspect", str(bad)],
+                 ["transfer", str(bad), "--model", f"{PORTS}:small_convnet", "--out", str(out_file)]):
+        code, _, err = run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), err
+        assert said in lines[0] and str(bad) in lines[0]
+    assert not out_file.exists()
+
+
+def test_missing_h5py_names_the_extra(monkeypatch, small):
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    with pytest.raises(CheckpointError, match=r"needs h5py, which is not installed.*pip install 'torchgraft\[h5\]'"):
+        tg.load(small[0]["h5"])
