@@ -324,6 +324,36 @@ def test_missing_onnx_names_the_extra(monkeypatch, exports):
         tg.load(exports["resnet18_legacy"][0])
 
 
+def test_missing_onnxruntime_names_the_extra_and_verification_says_why(monkeypatch, exports):
+    path = exports["resnet18_legacy"][0]
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(CheckpointError, match=r"needs onnxruntime.*pip install 'torchgraft\[onnxruntime\]'"):
+        OnnxRunner(path)
+    report = tg.transfer(path, torchvision.models.resnet18())
+    assert report.verified is None and any("pip install 'torchgraft[onnxruntime]'" in n for n in report.notes)
+
+
+def _gru_graph(path: Path, linear_before_reset: int) -> Path:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("W", (1, 12, 4)), ("R", (1, 12, 4)), ("B", (1, 24)))]
+    node = helper.make_node("GRU", ["X", "W", "R", "B"], ["Y"], hidden_size=4,
+                            linear_before_reset=linear_before_reset)
+    graph = helper.make_graph([node], "gru", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 1, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(path))
+    return path
+
+
+def test_gru_without_a_pytorch_equivalent_is_refused(tmp_path):
+    src = tg.load(_gru_graph(tmp_path / "ok.onnx", 1))
+    assert src.keys() == ["GRU_0.weight_ih_l0", "GRU_0.weight_hh_l0", "GRU_0.bias_ih_l0", "GRU_0.bias_hh_l0"]
+    with pytest.raises(CheckpointError, match="linear_before_reset=0, which no PyTorch GRU computes"):
+        tg.load(_gru_graph(tmp_path / "old.onnx", 0))
+
+
 # ---- silero-vad ------------------------------------------------------------------------------------------
 
 

@@ -490,7 +490,7 @@ def read_onnx(path: str | Path) -> Source:
     modules = {m: k for m, k in modules.items() if m in used_modules}
     attrs = {m: a for m, a in attrs.items() if m in used_modules}
     return foreign_source(str(path), "onnx", entries, metadata=metadata, modules=modules, module_attrs=attrs,
-                          runner=lambda: OnnxRunner(p, inputs), folded_bn=convs > normed,
+                          runner=lambda: OnnxRunner(p), folded_bn=convs > normed,
                           foldable_bias=_foldable_biases(presented, consumers))
 
 
@@ -498,14 +498,16 @@ def read_onnx(path: str | Path) -> Source:
 
 
 class OnnxRunner(ForeignRunner):
-    """The ONNX model run in onnxruntime on the CPU: positional tensors feed its inputs in order; `feeds` gives
-    the rest by name (a recurrent state, a sample rate). Returns its first output as a torch tensor."""
+    """The ONNX model run in onnxruntime on the CPU, for verification: positional tensors feed its inputs in
+    order, keyword tensors the inputs of those names (`pixel_values`), and `feeds` gives the rest by name (a
+    recurrent state, a sample rate). Returns its first output as a torch tensor."""
 
     framework = "onnxruntime (CPU)"
 
-    def __init__(self, path: str | Path, inputs: list[dict[str, Any]] | None = None,
-                 feeds: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path, feeds: dict[str, Any] | None = None) -> None:
         super().__init__()
+        import numpy as np
+
         ort = need("onnxruntime", "onnxruntime", "running an ONNX model to verify")
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
@@ -514,29 +516,29 @@ class OnnxRunner(ForeignRunner):
         except Exception as exc:  # onnxruntime raises its own exception types
             raise CheckpointError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]}); expected a "
                                   "model it runs. Verify another way.") from None
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.types = {i.name: i.type for i in self.session.get_inputs()}
-        self.shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        self.feeds = dict(feeds or {})
+        self.inputs = {i.name: (i.type, i.shape) for i in self.session.get_inputs()}
+        self.feeds = {k: np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+                      for k, v in (feeds or {}).items()}
 
     def example_input(self) -> tuple[torch.Tensor, ...] | None:
-        """A random input of the model's first input's shape when its shape is fixed (an export at 1x3x64x64
+        """A random input of the model's first input's shape when that shape is fixed (an export at 1x3x64x64
         runs at that size only), else None."""
-        shape = self.shapes[self.inputs[0]]
-        if not shape or not all(isinstance(d, int) and d > 0 for d in shape) \
-                or "float" not in self.types[self.inputs[0]]:
+        kind, shape = next(iter(self.inputs.values()))
+        if kind != "tensor(float)" or not shape or not all(isinstance(d, int) and d > 0 for d in shape):
             return None
         return (torch.randn(*shape, generator=torch.Generator().manual_seed(0)),)
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         import numpy as np
 
-        feeds = {}
-        for name, value in zip(self.inputs, args):
+        given = dict(zip([n for n in self.inputs if n not in kwargs and n not in self.feeds], args))
+        given.update(kwargs)
+        feeds = dict(self.feeds)
+        for name, value in given.items():
+            if name not in self.inputs:
+                raise ValueError(f"the ONNX model has no input {name!r}; it takes {list(self.inputs)}")
             array = value.detach().cpu().numpy()
-            feeds[name] = array.astype(np.float32) if "float)" in self.types[name] else array
-        for name, value in self.feeds.items():
-            feeds[name] = np.asarray(value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value)
+            feeds[name] = array.astype(np.float32) if self.inputs[name][0] == "tensor(float)" else array
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise ValueError(f"the ONNX model also takes {missing}; give them as feeds")
