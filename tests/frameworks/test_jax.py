@@ -181,7 +181,7 @@ def test_big_vision_export_into_a_hugging_face_vit(tmp_path):
     target = ViTForImageClassification(config).eval()
     report = tg.transfer(tmp_path / "vit.npz", target, strict=True)
     assert not report.unused_source
-    q = report.entry("vit.encoder.layer.5.attention.attention.query.weight")
+    q = report.entry("vit.layers.5.attention.q_proj.weight")
     assert q.source == "Transformer.encoderblock_5.MultiHeadDotProductAttention_0.query.weight"
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
