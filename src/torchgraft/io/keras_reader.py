@@ -254,15 +254,7 @@ def _file_layers(f: Any, path: Path) -> tuple[list[_Layer], str]:
             visit(child, here)
 
     visit(f, "")
-    offsets = [min((d.id.get_offset() for d in stored), key=lambda o: o if o is not None else -1)
-               for _, _, stored in found]
-    if found and all(o is not None for o in offsets):
-        order = sorted(range(len(found)), key=lambda i: offsets[i])
-        how = "the order Keras wrote the layers in (no config)"
-    else:
-        order = sorted(range(len(found)), key=lambda i: [int(t) if t.isdigit() else t for t in
-                                                          re.split(r"(\d+)", found[i][0])])
-        how = "the h5 paths' order (no config; the file does not show the layer order)"
+    order, how = _file_order(f, [at for at, _, _ in found])
     layers = []
     named = [_recorded_name(f, found[i][0]) for i in order]
     unique = all(named) and len(set(named)) == len(named)
@@ -281,6 +273,33 @@ def _file_layers(f: Any, path: Path) -> tuple[list[_Layer], str]:
         stored_vars = [_Var(expected[j] if expected else None, d.name.lstrip("/"), d) for j, d in enumerate(stored)]
         layers.append(_Layer(module, cls, config, stored_vars, inputs, order_only=True))
     return layers, how
+
+
+def _file_order(f: Any, paths: list[str]) -> tuple[list[int], str]:
+    """The layers' order in a weights file without a config, and how it was found. Keras names each layer's
+    group by its class and a counter in the model's layer order (`conv2d`, `conv2d_1`, ...), so each class's
+    order is exact; how the classes interleave the file does not record. They are interleaved by where HDF5
+    put each layer's group (groups are made in layer order, but HDF5 reuses freed space), which is right for
+    plain stacks and approximate for deep models: the structure stage then finds less, never more."""
+    h5py = _h5py()
+
+    def counter(path: str) -> tuple[str, int]:
+        m = re.match(r"^(.*?)(?:_(\d+))?$", path)
+        return (m.group(1), int(m.group(2) or 0)) if m else (path, 0)
+
+    try:
+        where = [h5py.h5o.get_info(f[p or "/"].id).addr if p else 0 for p in paths]
+    except (AttributeError, KeyError, ValueError):
+        where = list(range(len(paths)))
+    queues: dict[str, list[int]] = {}
+    for i in sorted(range(len(paths)), key=lambda i: counter(paths[i])):
+        queues.setdefault(counter(paths[i])[0], []).append(i)
+    order: list[int] = []
+    while any(queues.values()):
+        head = min((q for q in queues.values() if q), key=lambda q: where[q[0]])
+        order.append(head.pop(0))
+    return order, ("no config: each class in Keras' layer order, the classes interleaved by where the file "
+                   "holds them (approximate for branched models; a .keras or whole-model .h5 gives the order)")
 
 
 def _recorded_name(f: Any, at: str) -> str:
