@@ -1,6 +1,9 @@
 """Fine-tuning on real digit scans: `graft finetune` against the seeds' plain loop, measured in the same run.
 
-Run: .venv/bin/python benchmarks/bench_finetune_digits.py [--only full,probe,fewshot] [--json results.json]
+Run: .venv/bin/python benchmarks/bench_finetune_digits.py [--only full,fewshot] [--json results.json]
+
+The panel (`bench_finetune_panel.py`) measures graft's defaults on more data, sizes, budgets and models; this
+script keeps the two older rows (64 px files, `--no-hflip`).
 
 Data: scikit-learn's 1,797 handwritten 8x8 digit scans, upscaled to 64 px and written as an image folder
 (stratified 80/20 split, seed 0). Weights: torchvision's real ImageNet MobileNetV2 file.
@@ -9,10 +12,8 @@ Data: scikit-learn's 1,797 handwritten 8x8 digit scans, upscaled to 64 px and wr
            batch 32, in-memory tensors, no augmentation. Against `graft finetune --epochs 3 --image-size 64
            --no-hflip` (its defaults otherwise: two phases, AdamW, cosine with warmup, label smoothing, image
            files decoded and augmented every epoch by 2 loader workers).
-- probe:   linear probe, 4 epochs: `graft finetune --linear-probe` with the feature cache against the same without
-           it (`--no-feature-cache`): seconds of the epochs after the first.
 - fewshot: 10 training images per class (same validation set). The seeds' loop for 30 epochs (accuracy after
-           10, 20 and 30) against `graft finetune` with its defaults for 30 epochs (few-shot: a linear probe).
+           10, 20 and 30) against `graft finetune` with its defaults for 30 epochs (the default recipe).
 
 Each configuration runs in its own process (`graft` through the CLI), one at a time, 2 threads.
 """
@@ -98,7 +99,7 @@ def seeds_loop(weights: Path, data: Path, epochs: int, report_at: list[int]) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="full,probe,fewshot")
+    parser.add_argument("--only", default="full,fewshot")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -118,16 +119,6 @@ def main() -> None:
             print(f"full, 3 epochs: seeds' loop {seeds['seconds']:.1f} s, val acc {seeds['val_acc']}; "
                   f"graft finetune {ours['seconds']:.1f} s, val acc by epoch "
                   f"{[round(r['val_acc'], 4) for r in ours['rows']]}", flush=True)
-        if "probe" in parts:
-            cached = graft_finetune(weights, data, tmp / "probe_cache", "--epochs", "4", "--linear-probe")
-            plain = graft_finetune(weights, data, tmp / "probe_plain", "--epochs", "4", "--linear-probe",
-                                   "--no-feature-cache")
-            later = lambda run: sum(r["seconds"] for r in run["rows"][1:]) / (len(run["rows"]) - 1)  # noqa: E731
-            speedup = later(plain) / later(cached)
-            results["probe"] = {"cached": cached, "plain": plain, "speedup_after_first_epoch": speedup}
-            print(f"linear probe, 4 epochs: epochs 2-4 take {later(plain):.2f} s without the cache, "
-                  f"{later(cached):.3f} s with it ({speedup:.0f}x); val acc {cached['best_val_acc']:.4f} "
-                  f"(cache) / {plain['best_val_acc']:.4f}", flush=True)
         if "fewshot" in parts:
             few = write_digits(tmp / "few", size=64, train_per_class=10)
             seeds = seeds_loop(weights, few, 30, [10, 20, 30])

@@ -132,7 +132,6 @@ USAGE = [
      "count from 1"),
     (["finetune", "--model", "m:f", "--weights", "w", "--data", "d", "--out", "o", "--unfreeze-at", "layer4"],
      "EPOCH:PATTERN"),
-    (["evaluate", "--model", "torchvision:resnet18", "--weights", "w"], "missing required --data"),
     (["predict", "--model", "torchvision:resnet18", "--weights", "w"], "missing required IMAGE"),
     (["predict", "--model", "torchvision:resnet18", "--weights", "w", "a.jpg", "--topk", "0"], "--topk 0"),
 ]
@@ -165,6 +164,7 @@ BAD_INPUT = [
     (["finetune", "--resume", "nowhere"], "no config.yaml"),
     (["evaluate", "--model", "torchvision:resnet18", "--weights", "missing.safetensors", "--data", "."],
      "missing.safetensors"),
+    (["evaluate", "--model", "torchvision:resnet18", "--weights", "missing.safetensors"], "missing.safetensors"),
     (["predict", "--model", "torchvision:resnet18", "--weights", "missing.safetensors", "a.jpg"],
      "missing.safetensors"),
 ]

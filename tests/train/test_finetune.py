@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torchgraft.cli import main
 from torchgraft.train.digits import write_digits
 
-FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe"]
+FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe",
+        "--head-epochs", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +78,6 @@ def test_head_phase_freezes_the_backbone(tmp_path, mobilenet_v2_path, digits):
     assert not torch.equal(state["features.5.conv.1.1.weight"], source["features.5.conv.1.1.weight"])
 
 
-def test_linear_probe_uses_cached_features(capsys, tmp_path, mobilenet_v2_path, digits):
-    out = tmp_path / "probe"
-    assert main(finetune_args(mobilenet_v2_path, digits, out, "--epochs", "3", "--linear-probe")) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["head"] * 3
-    assert rows[-1]["val_acc"] > 0.2  # 10 classes: better than chance after three epochs
-    source = torch.load(mobilenet_v2_path, weights_only=True)
-    state = load_file(out / "model.safetensors")
-    assert torch.equal(state["features.10.conv.0.1.running_var"], source["features.10.conv.0.1.running_var"])
-
-
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, mobilenet_v2_path, digits):
     straight = tmp_path / "straight"
     assert main(finetune_args(mobilenet_v2_path, digits, straight, "--epochs", "3", "--head-epochs", "1")) == 0
@@ -123,8 +113,8 @@ def test_evaluate_and_predict(capsys, tmp_path, mobilenet_v2_path, digits):
     assert main(["evaluate", "--model", "torchvision:mobilenet_v2", "--weights", str(out / "model.safetensors"),
                  "--data", str(digits), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"accuracy", "num_samples", "per_class", "confusion"}
-    assert result["num_samples"] == 60
+    assert set(result) == {"accuracy", "num_samples", "per_class", "confusion", "scored"}
+    assert result["num_samples"] == 60 and result["scored"] == str(digits / "val")  # held out: scored as given
     assert sum(map(sum, result["confusion"])) == 60
     assert set(result["per_class"]["3"]) == {"precision", "recall", "support"}
     best = max(json.loads(line)["val_acc"] for line in (out / "metrics.jsonl").read_text().splitlines())
@@ -150,35 +140,6 @@ def test_bad_input(capsys, tmp_path, mobilenet_v2_path, digits):
     assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "o", "--unfreeze-at", "layer4")) == 2
     assert "EPOCH:PATTERN" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
-def test_two_processes_with_torchrun(tmp_path, mobilenet_v2_path, digits):
-    """Two CPU processes (gloo) train one model: metrics and files written once, accuracy like one process."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    args = ["--epochs", "3", "--linear-probe", "--lr", "5e-3"]
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli",
-                           *finetune_args(mobilenet_v2_path, digits, tmp_path / "ddp", *args)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert main(finetune_args(mobilenet_v2_path, digits, tmp_path / "one", *args)) == 0
-    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in ddp] == [1, 2, 3]  # written once, by rank 0
-    assert proc.stdout.count("run summary") == 1  # rank 0 reports
-    assert ddp[-1]["val_acc"] > 0.3 and abs(ddp[-1]["val_acc"] - one[-1]["val_acc"]) < 0.2, (ddp, one)
-    state = load_file(tmp_path / "ddp" / "model.safetensors")
-    assert not any(k.startswith("module.") for k in state)  # the unwrapped model, not the DDP wrapper
-
-
-def test_few_shot_defaults_to_a_linear_probe(tmp_path, mobilenet_v2_path, digits):
-    """12 training images per class: too few to fine-tune a backbone on, so the default is a linear probe."""
-    out = tmp_path / "few"
-    args = [a for a in finetune_args(mobilenet_v2_path, digits, out, "--epochs", "2") if a != "--no-linear-probe"]
-    assert main(args) == 0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["phase"] for r in rows] == ["head", "head"]
-    assert yaml.safe_load((out / "config.yaml").read_text())["linear_probe"] is True
 
 
 def test_freezing_flags(capsys, tmp_path, mobilenet_v2_path, digits):

@@ -19,7 +19,8 @@ import torch
 
 from torchgraft.train.digits import write_digits
 
-FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe"]
+FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe",
+        "--head-epochs", "1"]
 EPOCHS = 3
 
 

@@ -20,7 +20,8 @@ from PIL import Image
 from torchgraft.cli import main
 from torchgraft.train.digits import write_digits
 
-FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe"]
+FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe",
+        "--head-epochs", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,19 @@ from torchgraft.train.config import FinetuneConfig
 FINETUNE_DESCRIPTION = """Fine-tune a pretrained model on an image folder, in one command.
 
 The classifier is resized to the folder's classes through the transfer engine (its report is shown), inputs are
-sized and normalised from the model's metadata, and training runs in two phases by default: the classifier
-alone with the backbone frozen (its norm layers keep training, as fastai does), then everything with a lower
-learning rate for the backbone. With fewer than 20 images in some class it is a linear probe on cached features
-instead. AdamW, a warmup and cosine decay per phase, label smoothing; mixed precision and channels_last on CUDA.
+sized and normalised from the model's metadata, and every image is checked, decoded and resized once into memory.
+The recipe comes from the data and the budget (--epochs: what a plain loop spends in that many epochs): a linear
+probe first (the frozen backbone's features computed once, a classifier fitted to convergence, its L2 chosen on
+held-out training images), then everything fine-tunes from the probed head with the rest of the budget (LP-FT)
+when at least half an epoch is left. Crops suit the images' native size; flips are decided by the probe.
+AdamW, warmup in steps and cosine decay, label smoothing; mixed precision and channels_last on CUDA. The kept
+model has the highest validation accuracy, ties broken by the lower validation loss; the summary says which.
 
 DATA is DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split with --val-split.
 OUT receives model.safetensors (best on validation), last.ckpt, metrics.jsonl, config.yaml, classes.txt,
-curves.png and confusion.png. `--resume OUT` continues an interrupted run with its saved configuration.
+split.json (the images that trained and validated), curves.png and confusion.png. `--resume OUT` continues an interrupted run with its saved configuration.
 
-Several processes: torchrun --nproc_per_node=2 $(command -v graft) finetune ...
+Several processes: torchrun --nproc_per_node=2 $(command -v graft) finetune ... (--batch-size is the global batch)
 
 Examples:
   graft finetune --model torchvision:mobilenet_v2 --weights mobilenet_v2-b0353104.pth --data pets/ --out runs/pets
@@ -146,6 +149,9 @@ class _RichReporter:
         else:
             render_summary(report, more="--verbose")
 
+    def recipe(self, text: str) -> None:
+        console.print(f"recipe: {text}", soft_wrap=True)
+
     def resumed(self, finished: int, epochs: int) -> None:
         if finished >= epochs:
             console.print(f"{self.out} has finished its {finished} epochs; nothing to train. Run it longer with "
@@ -155,8 +161,9 @@ class _RichReporter:
                           soft_wrap=True)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, phase: str) -> None:
+        title = "epoch 0 [dim](linear probe)[/]" if epoch == 0 else f"epoch {epoch}/{epochs} [dim]({phase})[/]"
         self.progress = Progress(
-            TextColumn(f"epoch {epoch}/{epochs} [dim]({phase})[/]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(title), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
         self.progress.start()
@@ -169,8 +176,13 @@ class _RichReporter:
     def epoch_end(self, row: dict) -> None:
         if self.progress is not None:
             self.progress.stop()
-        console.print(f"  val loss {row['val_loss']:.4f}  val acc [bold]{row['val_acc']:.4f}[/]  "
-                      f"({row['seconds']:.1f} s)")
+        if row["val_acc"] is None:
+            console.print(f"  not validated this epoch  ({row['seconds']:.1f} s, {row['images_per_s']:.0f} images/s)")
+        else:
+            console.print(f"  val loss {row['val_loss']:.4f}  val acc [bold]{row['val_acc']:.4f}[/]  "
+                          f"({row['seconds']:.1f} s, {row['images_per_s']:.0f} images/s)")
+        if row.get("note"):
+            console.print(f"  {row['note']}", soft_wrap=True)
 
 
 #: What `--resume` may change: how long the run goes, and where it runs. Everything else is the saved run's.
@@ -249,28 +261,38 @@ def _interrupted(out: Path) -> str:
 
 def _summary(result) -> None:
     table = Table(title="run summary", show_edge=False, pad_edge=False)
-    for col in ("epoch", "phase", "train loss", "train acc", "val loss", "val acc", "lr", "s"):
+    for col in ("epoch", "phase", "train loss", "train acc", "val loss", "val acc", "lr", "images/s", "s"):
         table.add_column(col, justify="right")
+
+    def number(value, form: str) -> str:
+        return "—" if value is None else format(value, form)
+
     for r in result.rows:
         mark = " *" if r["epoch"] == result.best_epoch else ""
         table.add_row(str(r["epoch"]), r["phase"], f"{r['train_loss']:.4f}", f"{r['train_acc']:.4f}",
-                      f"{r['val_loss']:.4f}", f"{r['val_acc']:.4f}{mark}", f"{r['lr']:.2e}", f"{r['seconds']:.1f}")
+                      number(r["val_loss"], ".4f"), number(r["val_acc"], ".4f") + mark, number(r["lr"], ".2e"),
+                      number(r.get("images_per_s"), ".0f"), f"{r['seconds']:.1f}")
     console.print(table)
     from torchgraft.train.loop import FILES
 
-    console.print(f"best val acc [bold green]{result.best_val_acc:.4f}[/] at epoch {result.best_epoch} (* above); files in "
-                  f"[bold]{result.out}[/]: {', '.join(FILES)}")
+    speed = f"; training ran at {result.images_per_s:.0f} images/s" if result.images_per_s else ""
+    console.print(f"{result.kept} (* above){speed}", soft_wrap=True)
+    console.print(f"best val acc [bold green]{result.best_val_acc:.4f}[/] at epoch {result.best_epoch}; files in "
+                  f"[bold]{result.out}[/]: {', '.join(FILES)}", soft_wrap=True)
 
 
 # ---- evaluate / predict -----------------------------------------------------------------------------------
 
 EVALUATE_DESCRIPTION = """Accuracy, per-class precision and recall, and the confusion matrix of a fine-tuned model.
 
---data is a folder of class subfolders, or a dataset root whose val/ is used. Class names come from
-classes.txt beside the weights (written by graft finetune) or --classes.
+Without --data it scores the run's own validation images (split.json beside the weights, written by graft
+finetune). --data is a folder of class subfolders, or a dataset root whose val/ is used; when it holds images
+the run trained on, the run's validation split is scored instead. The output says which images were scored.
+Class names come from classes.txt beside the weights (written by graft finetune) or --classes.
 
 Examples:
-  graft evaluate --model torchvision:mobilenet_v2 --weights runs/pets/model.safetensors --data pets/
+  graft evaluate --model torchvision:mobilenet_v2 --weights runs/pets/model.safetensors
+  graft evaluate --model torchvision:mobilenet_v2 --weights runs/pets/model.safetensors --data pets-test/
   graft evaluate --model timm:resnet50 --weights runs/cells/model.safetensors --data cells/test --json
 """
 
@@ -298,7 +320,8 @@ def evaluate_parser():
 
     p = new_parser(EVALUATE_DESCRIPTION)
     _model_args(p)
-    p.add_argument("--data", required=True, metavar="DIR", help="class folders, or a root whose val/ is used")
+    p.add_argument("--data", default=None, metavar="DIR", help="held-out class folders, or a root whose val/ is "
+                   "used (default: the run's validation split, split.json beside the weights)")
     return p
 
 
@@ -320,7 +343,8 @@ def run_evaluate(model, model_kwargs, weights, classes, image_size, batch_size, 
     if json:
         print_json(result)
         return 0
-    console.print(f"accuracy [bold]{result['accuracy']:.4f}[/] on {result['num_samples']} images")
+    console.print(f"accuracy [bold]{result['accuracy']:.4f}[/] on {result['num_samples']} images: {result['scored']}",
+                  soft_wrap=True)
     table = Table(show_edge=False, pad_edge=False)
     for col in ("class", "precision", "recall", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")

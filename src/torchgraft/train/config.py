@@ -25,11 +25,14 @@ class FinetuneConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the model factory (num_classes is set from the data)."""
     epochs: int = 5
-    """Epochs in all, the head-only phase included."""
-    head_epochs: int = 1
-    """Epochs that train only the classifier (backbone frozen; see train_bn for its norm layers) before unfreezing."""
+    """The budget: what the seeds' loop spends in this many epochs (passes of training steps over the training
+    images, one validation). The linear probe and validation are paid from it; the fine-tune gets the rest."""
+    head_epochs: int | None = None
+    """Epochs on images that train only the classifier (backbone frozen; see train_bn) before everything
+    unfreezes. Default: none after a linear probe (it fitted the classifier already); a fifth of --epochs with
+    --no-linear-probe."""
     batch_size: int = 32
-    """Images per step (per process under torchrun)."""
+    """Images per step over all processes (the global batch): under torchrun each of N processes takes 1/N."""
     lr: float = 1e-3
     """AdamW learning rate of the classifier; the backbone gets lr * backbone_lr_mult once unfrozen."""
     backbone_lr_mult: float = 0.5
@@ -41,22 +44,32 @@ class FinetuneConfig:
     """AdamW weight decay; norm layers and biases get none."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
-    warmup: float = 0.1
-    """Linear warmup as a fraction of each phase's steps, then cosine decay to zero; each unfreezing starts a phase."""
+    warmup_steps: int | None = None
+    """Linear warmup steps at the start of each phase on images, then cosine decay to zero; each unfreezing
+    starts a phase. Default: 10% of the phase's steps, at most 100."""
     image_size: int | None = None
     """Input size; default from the model's metadata (timm pretrained_cfg, torchvision weights)."""
     val_split: float | None = None
     """Fraction of each class held out for validation when DATA has no train/ and val/ (default 0.2)."""
     augment: bool = True
-    """Random resized crops (and flips, see hflip) for training; off for a linear probe."""
-    hflip: bool = True
-    """Random horizontal flips when augmenting (turn off for digits, text, anything with a handedness)."""
+    """Random crops on tensors while fine-tuning, their strength from the images' native size (an 8 px scan
+    is barely cropped, a 224 px photo down to 35% of its area), and flips (see hflip)."""
+    hflip: bool | None = None
+    """Random horizontal flips when augmenting. Default: decided by the data: on when the linear probe
+    classifies mirrored held-out training images nearly as well as the originals (photos), off when mirroring
+    hurts (digits, text, anything with a handedness)."""
     linear_probe: bool | None = None
-    """Train only the classifier for every epoch, without augmentation, on features computed once. Default: a
-    linear probe when some class has fewer than 20 training images (too few to fine-tune a backbone on), else
-    the two phases."""
-    feature_cache: bool = True
-    """For a linear probe, compute the frozen backbone's features once and train the classifier on them."""
+    """Default: a linear probe first (the frozen backbone's features computed once, a classifier fitted to
+    convergence by L-BFGS, its L2 strength chosen on a held-out fifth of train), then everything fine-tunes
+    from the probed head with the rest of the budget when at least half an epoch is left (LP-FT).
+    `--linear-probe`: the probe alone. `--no-linear-probe`: no probe; the classifier trains on images,
+    --head-epochs first, then everything."""
+    cache_gb: float = 4.0
+    """Memory for the decoded images, resized to the input size, as uint8 (never more than a quarter of the
+    machine's); a larger folder is decoded from its files for every batch."""
+    checkpoint_every: float = 60.0
+    """Seconds between last.ckpt writes at least (one is also written after every validation and after the
+    last epoch); 0 writes one after every epoch."""
     freeze: list[str] = field(default_factory=list)
     """Extra parameter/module globs kept frozen for the whole run (e.g. `features.0.*`)."""
     unfreeze: list[str] = field(default_factory=list)
@@ -87,7 +100,7 @@ class FinetuneConfig:
             problems.append(f"missing required {', '.join(missing)}")
         if self.epochs < 1:
             problems.append(f"`--epochs {self.epochs}` must be at least 1")
-        if not 0 <= self.head_epochs <= self.epochs:
+        if self.head_epochs is not None and not 0 <= self.head_epochs <= self.epochs:
             problems.append(f"`--head-epochs {self.head_epochs}` must be between 0 and --epochs ({self.epochs})")
         if self.batch_size < 1:
             problems.append(f"`--batch-size {self.batch_size}` must be at least 1")
@@ -97,8 +110,12 @@ class FinetuneConfig:
             problems.append(f"`--layer-decay {self.layer_decay}` must be in (0, 1]")
         if self.workers is not None and self.workers < 0:
             problems.append(f"`--workers {self.workers}` must be 0 or more")
-        if not 0 <= self.warmup < 1:
-            problems.append(f"`--warmup {self.warmup}` must be a fraction in [0, 1)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            problems.append(f"`--warmup-steps {self.warmup_steps}` must be 0 or more")
+        if not self.cache_gb >= 0:
+            problems.append(f"`--cache-gb {self.cache_gb}` must be 0 or more")
+        if not self.checkpoint_every >= 0:
+            problems.append(f"`--checkpoint-every {self.checkpoint_every}` must be 0 or more seconds")
         if self.image_size is not None and self.image_size < 8:
             problems.append(f"`--image-size {self.image_size}` must be at least 8")
         if self.val_split is not None and not 0 < self.val_split < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torchgraft.specs import parse_kwargs
 from torchgraft.train.data import ImageList, batches, build_transforms, list_images, preprocessing_for
 from torchgraft.train.metrics import classification_report, confusion_matrix
 
-__all__ = ["evaluate", "predict", "load_finetuned"]
+__all__ = ["evaluate", "predict", "load_finetuned", "images_to_score"]
 
 
 def _classes(weights: Path, classes_file: str | None) -> list[str]:
@@ -71,11 +72,33 @@ def load_finetuned(spec: str, model_kwargs: Any, weights: str, classes_file: str
     return model, classes, build_transforms(pre, train=False, augment=False, hflip=False)
 
 
-@torch.no_grad()
-def evaluate(spec: str, model_kwargs: Any, weights: str, data: str, *, classes_file: str | None = None,
-             image_size: int | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """The evaluate JSON: accuracy, num_samples, per_class precision/recall/support, confusion."""
-    model, classes, transform = load_finetuned(spec, model_kwargs, weights, classes_file, image_size)
+def _run_split(weights: Path) -> dict[str, Any] | None:
+    """split.json of the run the weights come from: {"data", "train": [[path, class]], "val": [...]}, or None."""
+    path = weights.parent / "split.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise GraftError(f"{path}: not valid JSON; expected the split.json graft finetune wrote. Pass --data with "
+                         "held-out images instead.") from None
+
+
+def images_to_score(weights: str | Path, data: str | None, classes: list[str]
+                    ) -> tuple[list[tuple[str, int]], str]:
+    """(path, class index) to evaluate on, and which images they are, in words.
+
+    Without --data: the run's validation split (split.json beside the weights). With --data: its class folders
+    (DIR/val when there is one), unless they hold images the run trained on; then the run's validation split
+    instead, since scoring training images says nothing about new ones."""
+    weights = Path(weights)
+    split = _run_split(weights)
+    where = weights.parent / "split.json"
+    if data is None:
+        if split is None:
+            raise GraftError(f"{where}: no split.json beside the weights, so the run's validation images are "
+                             "unknown; pass --data DIR with held-out images (class folders).")
+        return _named(split["val"], classes, where), f"the run's validation split ({where})"
     root = Path(data)
     folder = root / "val" if (root / "val").is_dir() else root
     folder_classes, samples = list_images(folder)
@@ -85,11 +108,35 @@ def evaluate(spec: str, model_kwargs: Any, weights: str, data: str, *, classes_f
                          "expected the class folders the model was trained on.")
     remap = {i: classes.index(c) for i, c in enumerate(folder_classes)}
     samples = [(p, remap[y]) for p, y in samples]
+    if split is not None:
+        trained = {str(Path(p).resolve()) for p, _ in split["train"]}
+        seen = sum(1 for p, _ in samples if str(Path(p).resolve()) in trained)
+        if seen:
+            return (_named(split["val"], classes, where),
+                    f"the run's validation split ({where}): {folder} holds {seen} of the images the run trained on")
+    return samples, str(folder)
+
+
+def _named(pairs: list[list[str]], classes: list[str], where: Path) -> list[tuple[str, int]]:
+    unknown = sorted({c for _, c in pairs} - set(classes))
+    if unknown:
+        raise GraftError(f"{where}: classes {unknown[:5]} are not among the model's {len(classes)} classes; "
+                         "expected the split.json of the run that wrote these weights.")
+    return [(p, classes.index(c)) for p, c in pairs]
+
+
+@torch.no_grad()
+def evaluate(spec: str, model_kwargs: Any, weights: str, data: str | None = None, *,
+             classes_file: str | None = None, image_size: int | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """The evaluate JSON: accuracy, num_samples, per_class precision/recall/support, confusion, and `scored`
+    (which images: a folder, or the run's validation split; see `images_to_score`)."""
+    model, classes, transform = load_finetuned(spec, model_kwargs, weights, classes_file, image_size)
+    samples, scored = images_to_score(weights, data, classes)
     loader = torch.utils.data.DataLoader(ImageList(samples, transform), batch_size=batch_size, num_workers=2)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     for images, labels in batches(loader):
         confusion += confusion_matrix(labels, model(images).argmax(1), len(classes))
-    return classification_report(confusion, classes)
+    return {**classification_report(confusion, classes), "scored": scored}
 
 
 @torch.no_grad()

@@ -64,14 +64,16 @@ def _save(fig, path: Path) -> None:
 
 
 def curves_figure(rows: list[dict[str, Any]], best_epoch: int | None = None):
-    """Loss and accuracy per epoch (numbered from 1), train and validation; each phase shaded and named, the kept
-    (best) epoch marked."""
+    """Loss and accuracy per epoch (numbered from 1; the linear probe is epoch 0), train and validation; each
+    phase shaded and named, the kept (best) epoch marked."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, metric, label in zip(axes, ("loss", "acc"), ("loss", "accuracy")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in rows], marker="o", label="train")
-        ax.plot(epochs, [r[f"val_{metric}"] for r in rows], marker="o", label="validation")
+        validated = [r for r in rows if r.get(f"val_{metric}") is not None]  # some epochs skip validation
+        ax.plot([r["epoch"] for r in validated], [r[f"val_{metric}"] for r in validated], marker="o",
+                label="validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(f"{label} per epoch")

@@ -1,0 +1,93 @@
+"""What a run does, derived from the data and the budget before it starts: one rule, written down once.
+
+    plan_recipe(config, n_train, n_val) -> Recipe
+
+The budget is what the seeds' hand-written loop spends for the same `--epochs`: that many passes of training
+steps over the training images, and one pass over the validation images. Everything `graft finetune` does is
+counted in training steps of `batch_size` images (a forward pass without gradients costs about a third of a
+training step, `FORWARD_COST`):
+
+1. a linear probe first (`linear_probe` unset or true): the frozen backbone's features of the training and
+   validation images, computed once, and a classifier fitted on them to convergence (`probe.fit_probe`);
+2. a fine-tune of everything from the probed head (LP-FT, Kumar et al. 2022) with what the budget has left,
+   when that is at least half an epoch; else the probe alone. Its last epoch may stop early, at the budget;
+3. validation after every epoch when it costs at most `VALIDATION_SHARE` of an epoch's steps, else every k-th
+   epoch (and always after the last), so a large validation set and a small training set do not spend the
+   budget on measuring;
+4. warmup counted in steps (10% of each phase's steps, at most 100), cosine decay to zero at the phase's end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torchgraft.train.config import FinetuneConfig
+
+__all__ = ["Recipe", "plan_recipe", "FORWARD_COST", "VALIDATION_SHARE"]
+
+FORWARD_COST = 1 / 3
+VALIDATION_SHARE = 0.2
+MAX_WARMUP = 100
+
+
+@dataclass
+class Recipe:
+    probe: bool
+    """Fit a linear probe on cached features before training on images."""
+    steps_per_epoch: int
+    """Training steps in one pass over the training images (global batches)."""
+    total_steps: int
+    """Training steps on images in the whole run (0: the probe alone)."""
+    head_epochs: int
+    """Epochs on images that train only the classifier before everything unfreezes."""
+    validate_every: int
+    """Validate after every k-th epoch on images (and after the last)."""
+    why: str
+    """The rule's reasoning, one sentence, for the console and the guide."""
+
+    @property
+    def epochs(self) -> int:
+        """Epochs that train on images; the last stops at `total_steps`."""
+        return math.ceil(self.total_steps / self.steps_per_epoch) if self.total_steps else 0
+
+    def steps_in(self, epoch: int) -> int:
+        """Training steps of epoch `epoch` (counted from 1)."""
+        return max(0, min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch))
+
+    def validates(self, epoch: int) -> bool:
+        return epoch == self.epochs or epoch % self.validate_every == 0
+
+
+def warmup_steps(config: FinetuneConfig, phase_steps: int) -> int:
+    if config.warmup_steps is not None:
+        return min(config.warmup_steps, max(phase_steps - 1, 0))
+    return min(MAX_WARMUP, max(1, round(0.1 * phase_steps)))
+
+
+def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int) -> Recipe:
+    """The recipe for `config` on `n_train` training and `n_val` validation images (see the module's rule)."""
+    batch = config.batch_size
+    per_epoch = math.ceil(n_train / batch)
+    val_steps = n_val * FORWARD_COST / batch
+    every = max(1, math.ceil(val_steps / (VALIDATION_SHARE * per_epoch)))
+    epochs = config.epochs
+    if config.linear_probe:
+        return Recipe(True, per_epoch, 0, 0, every, "--linear-probe: the probe alone")
+    if config.linear_probe is False:
+        head = config.head_epochs if config.head_epochs is not None else min(epochs - 1, epochs // 5)
+        return Recipe(False, per_epoch, epochs * per_epoch, head, every,
+                      f"--no-linear-probe: {epochs} epochs on images, the first {head} for the classifier alone")
+    budget = epochs * per_epoch + val_steps  # the seeds' loop: its epochs, then one validation
+    probe_steps = (n_train + n_val) * FORWARD_COST / batch
+    validations = math.ceil(epochs / every)
+    left = math.floor(budget - probe_steps - validations * val_steps)
+    head = config.head_epochs or 0
+    if left < max(1, per_epoch / 2):
+        return Recipe(True, per_epoch, 0, 0, every,
+                      f"the budget of {epochs} epoch(s) leaves {max(left, 0)} training steps after the probe, under "
+                      f"half an epoch ({per_epoch} steps): the probe alone")
+    return Recipe(True, per_epoch, left, head, every,
+                  f"the budget of {epochs} epoch(s) ({epochs * per_epoch} steps) leaves {left} steps "
+                  f"({left / per_epoch:.1f} epochs) after the probe and {validations} validation(s): the probe, "
+                  "then everything fine-tunes from the probed head")

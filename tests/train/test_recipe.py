@@ -1,0 +1,285 @@
+"""The default recipe (issue 13): a converged probe, then LP-FT within the budget; model selection; data checks;
+evaluate on the run's own validation split; timm heads; two processes like one; the in-memory uint8 cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from torchgraft.cli import main
+from torchgraft.train.config import FinetuneConfig
+from torchgraft.train.data import augment, crops_for, decode_images, find_splits, preprocessing_for
+from torchgraft.train.digits import write_digits
+from torchgraft.train.probe import L2_GRID, fit_probe, held_out_split
+from torchgraft.train.recipe import plan_recipe
+
+SMALL = ["--image-size", "32", "--batch-size", "16", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return write_digits(tmp_path_factory.mktemp("digits"), size=32, train_per_class=12, val_per_class=6)
+
+
+def finetune(weights, data, out, *extra) -> list[str]:
+    return ["finetune", "--model", "torchvision:mobilenet_v2", "--weights", str(weights), "--data", str(data),
+            "--out", str(out), *SMALL, *extra]
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---- the rule, alone ---------------------------------------------------------------------------------------
+
+
+def config(**kw) -> FinetuneConfig:
+    return FinetuneConfig(model="m:f", weights="w", data="d", out="o", **kw)
+
+
+def test_the_budget_pays_for_the_probe_and_validation_and_the_fine_tune_gets_the_rest():
+    # 1,437 training and 360 validation digits, batch 32: 45 steps an epoch
+    r = plan_recipe(config(epochs=3), 1437, 360)
+    assert r.probe and r.steps_per_epoch == 45 and r.validate_every == 1
+    # 135 steps + one validation (3.75) - the probe (18.7) - 3 validations (11.25)
+    assert r.total_steps == 108 and r.epochs == 3 and r.steps_in(3) == 18
+    one = plan_recipe(config(epochs=1), 1437, 360)
+    assert one.total_steps == 26 and one.head_epochs == 0  # --epochs 1 still fine-tunes; no head-only epoch
+    # 10 images per class: 4 steps an epoch, validating 360 images costs 4: validate every 5th epoch
+    few = plan_recipe(config(epochs=10), 100, 360)
+    assert few.validate_every == 5 and few.total_steps == 31 and few.validates(5) and not few.validates(4)
+    assert few.validates(few.epochs)
+    tiny = plan_recipe(config(epochs=1), 100, 360)
+    assert tiny.total_steps == 0 and "the probe alone" in tiny.why  # under half an epoch left
+
+
+def test_without_a_probe_the_head_phase_is_a_fraction_of_the_run():
+    for epochs in (1, 2, 5, 10):
+        r = plan_recipe(config(epochs=epochs, linear_probe=False), 1000, 200)
+        assert r.head_epochs < epochs and r.head_epochs == min(epochs - 1, epochs // 5)
+        assert r.total_steps == epochs * r.steps_per_epoch
+
+
+def test_the_probe_converges_and_picks_its_l2_on_held_out_images():
+    torch.manual_seed(0)
+    y = torch.arange(300) % 3
+    centres = torch.randn(3, 64) * 0.8
+    x = (centres[y] + torch.randn(300, 64)).relu() * 5  # a non-negative scale, as pooled features are
+    probe = fit_probe(x, y, 3)
+    fit, held = held_out_split(y, 0)
+    assert len(held) == 60 and set(held.tolist()).isdisjoint(fit.tolist())
+    assert set(probe.held_out_loss) == set(L2_GRID) and probe.held_out == 60
+    assert probe.held_out_loss[probe.l2] == min(probe.held_out_loss.values())
+    assert probe.accuracy(x, y) > 0.9
+    # converged: the penalised loss's gradient at the solution is ~0 (on the scaled features it was fitted on)
+    mean, scale = x.mean(0), (x - x.mean(0)).pow(2).mean().sqrt()
+    w = (probe.weight * scale).requires_grad_(True)
+    b = (probe.bias + probe.weight @ mean).requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(((x - mean) / scale) @ w.T + b, y) + 0.5 * probe.l2 * (w * w).sum()
+    loss.backward()
+    assert float(w.grad.abs().max()) < 1e-3 and float(b.grad.abs().max()) < 1e-3
+
+
+def test_crops_scale_with_the_native_size_and_flips_mirror():
+    sizes = [8, 32, 64, 128, 224, 512]
+    areas = [crops_for(n, True).min_area for n in sizes]
+    assert areas == sorted(areas, reverse=True) and areas[0] > 0.97 and areas[-1] == pytest.approx(0.35)
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    still = crops_for(0, False)  # no crop, no flip: the image itself
+    u = torch.rand(4, 5)
+    assert torch.allclose(augment(pixels, still, u), pixels.float() / 255, atol=1e-5)
+    flipped = augment(pixels, crops_for(0, True), torch.zeros(4, 5))  # u[:, 4] = 0 < 0.5: every image mirrored
+    assert torch.allclose(flipped, pixels.float().flip(3) / 255, atol=1e-5)
+
+
+def test_the_uint8_cache_holds_what_evaluation_sees_and_decodes_files_when_it_does_not_fit(tmp_path, digits):
+    import torchvision
+
+    splits = find_splits(digits, None, 0)
+    held = decode_images(splits.val, 24, budget=1 << 30)
+    assert held.pixels is not None and held.pixels.dtype == torch.uint8 and held.pixels.shape == (60, 3, 24, 24)
+    assert held.native == 32
+    streamed = decode_images(splits.val, 24, budget=0)
+    assert streamed.pixels is None
+    index = [torch.tensor([0, 5, 59]), torch.tensor([7])]
+    for a, b in zip(held.batches(index), streamed.batches(index)):
+        assert torch.equal(a, b)
+    model = torchvision.models.mobilenet_v2()
+    from torchgraft.train.data import build_transforms, normalise
+
+    pre = preprocessing_for(model, "torchvision:mobilenet_v2", 24)
+    from PIL import Image
+
+    evaluation = build_transforms(pre, train=False, augment=False, hflip=False)(Image.open(splits.val[5][0]))
+    assert torch.allclose(normalise(held.pixels[5:6], pre)[0], evaluation, atol=1e-5)
+
+
+# ---- runs --------------------------------------------------------------------------------------------------
+
+
+def test_default_recipe_probes_then_fine_tunes_from_the_probed_head(capsys, tmp_path, mobilenet_v2_path, digits):
+    """No recipe flags: epoch 0 is the probe, then everything fine-tunes with what the budget leaves; the summary
+    says which epoch was kept and why, and the training speed."""
+    out = tmp_path / "default"
+    assert main(finetune(mobilenet_v2_path, digits, out, "--epochs", "3")) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    rows = rows_of(out)
+    assert [r["phase"] for r in rows] == ["probe", "all", "all", "all"]
+    # 3 epochs of 8 steps and one validation (1.25), less the probe (3.75) and 3 validations: 17 steps
+    assert [r["steps"] for r in rows] == [0, 8, 8, 1]
+    assert "recipe: the budget of 3 epoch(s) (24 steps) leaves 17 steps (2.1 epochs)" in text
+    kept = re.search(r"kept epoch (\d)( \(the linear probe\))?: the highest val acc, (0\.\d{4})", text)
+    assert kept, text
+    best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    assert int(kept.group(1)) == best["epoch"] and float(kept.group(3)) == pytest.approx(best["val_acc"], abs=1e-4)
+    assert load_file(out / "model.safetensors") is not None
+    assert re.search(r"training ran at \d+ images/s", text) and all(r["images_per_s"] > 0 for r in rows)
+    assert yaml.safe_load((out / "config.yaml").read_text())["linear_probe"] is None
+    assert rows[0]["hflip"] is not None and "flips o" in rows[0]["note"]  # decided by the probe
+    # after the probe, BatchNorm stays as the probe saw it: statistics and affine parameters unchanged
+    source = torch.load(mobilenet_v2_path, weights_only=True)
+    state = load_file(out / "model.safetensors")
+    if best["epoch"] > 0:
+        assert not torch.equal(state["features.0.0.weight"], source["features.0.0.weight"])
+    assert torch.equal(state["features.5.conv.1.1.running_mean"], source["features.5.conv.1.1.running_mean"])
+    assert torch.equal(state["features.5.conv.1.1.weight"], source["features.5.conv.1.1.weight"])
+
+
+def test_ties_in_accuracy_are_broken_by_validation_loss(tmp_path, mobilenet_v2_path):
+    """Two easy classes: several epochs reach the same accuracy; the kept one has the lowest loss among them."""
+    data = write_digits(tmp_path / "two", size=32, train_per_class=24, val_per_class=8)
+    for split in ("train", "val"):
+        for cls in (data / split).iterdir():
+            if cls.name not in ("0", "1"):
+                shutil.rmtree(cls)
+    out = tmp_path / "run"
+    assert main(finetune(mobilenet_v2_path, data, out, "--epochs", "4", "--batch-size", "8")) == 0
+    rows = [r for r in rows_of(out) if r["val_acc"] is not None]
+    top = max(r["val_acc"] for r in rows)
+    tied = [r for r in rows if r["val_acc"] == top]
+    kept = load_file(out / "model.safetensors")
+    expected = min(tied, key=lambda r: r["val_loss"])["epoch"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.metadata()["epoch"] == str(expected), (rows, f.metadata())
+    assert kept["classifier.1.weight"].shape == (2, 1280)
+
+
+def test_data_is_checked_before_anything_is_written(capsys, tmp_path, mobilenet_v2_path, digits):
+    """One class: refused. Undecodable files: one line naming the first and the count. Nothing written."""
+    one = tmp_path / "one"
+    (one / "cat").mkdir(parents=True)
+    for f in list((digits / "train" / "3").iterdir())[:4]:
+        (one / "cat" / f.name).write_bytes(f.read_bytes())
+    assert main(finetune(mobilenet_v2_path, one, tmp_path / "o1")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "found 1 class (cat); expected at least two class folders" in err
+    assert not (tmp_path / "o1").exists()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(digits, broken)
+    bad = sorted((broken / "train" / "4").iterdir())[:2]
+    for f in bad:
+        f.write_bytes(b"not an image")
+    assert main(finetune(mobilenet_v2_path, broken, tmp_path / "o2")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert f"2 of 120 images cannot be read, the first {bad[0]} (" in err and "Nothing was written." in err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_few_images_in_a_class_is_a_warning(caplog, tmp_path, mobilenet_v2_path):
+    few = write_digits(tmp_path / "few", size=16, train_per_class=3, val_per_class=2)
+    with caplog.at_level("WARNING", logger="torchgraft"):
+        assert main(finetune(mobilenet_v2_path, few, tmp_path / "run", "--epochs", "1", "--image-size", "16")) == 0
+    err = caplog.text
+    assert "10 classes have fewer than 5 training images: 0 (3), 1 (3), 2 (3), 3 (3), 4 (3) and 5 more" in err
+
+
+def test_evaluate_scores_the_runs_validation_split_not_its_training_images(capsys, tmp_path, mobilenet_v2_path,
+                                                                           digits):
+    """A single folder of classes is split by the run; `evaluate --data` on that folder would score training
+    images too, so it scores the run's validation split (split.json) and says so; no --data does the same."""
+    folder = tmp_path / "one_folder"
+    for split in ("train", "val"):
+        for cls in (digits / split).iterdir():
+            (folder / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in cls.iterdir():
+                (folder / cls.name / f"{split}_{f.name}").write_bytes(f.read_bytes())
+    out = tmp_path / "run"
+    assert main(finetune(mobilenet_v2_path, folder, out, "--epochs", "1", "--linear-probe")) == 0
+    capsys.readouterr()
+    weights = str(out / "model.safetensors")
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["val"]) == 40 and len(split["train"]) == 140  # 20% of each class of 18 images
+    assert main(["evaluate", "--model", "torchvision:mobilenet_v2", "--weights", weights, "--data", str(folder)]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert (f"on 40 images: the run's validation split ({out / 'split.json'}): {folder} holds 140 of the images "
+            "the run trained on") in text
+    assert main(["evaluate", "--model", "torchvision:mobilenet_v2", "--weights", weights, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_samples"] == 40 and result["scored"] == f"the run's validation split ({out / 'split.json'})"
+    assert result["accuracy"] == pytest.approx(rows_of(out)[0]["val_acc"], abs=1e-6)
+
+
+def test_a_timm_model_few_shot_learns_like_torchvisions(tmp_path, mobilenet_v2_path):
+    """3 classes, 10 images each: timm's mobilenetv2_100 (torchvision's file through transfer) stayed at chance
+    because timm initialises a 3-class head at +-0.58; every new head now starts alike, and the probe fits it."""
+    data = write_digits(tmp_path / "three", size=32, train_per_class=10, val_per_class=8)
+    for split in ("train", "val"):
+        for cls in (data / split).iterdir():
+            if cls.name not in ("0", "1", "2"):
+                shutil.rmtree(cls)
+    accs = {}
+    for spec in ("timm:mobilenetv2_100", "torchvision:mobilenet_v2"):
+        out = tmp_path / spec.split(":")[0]
+        assert main(["finetune", "--model", spec, "--weights", str(mobilenet_v2_path), "--data", str(data),
+                     "--out", str(out), "--epochs", "5", *SMALL]) == 0
+        accs[spec] = max(r["val_acc"] for r in rows_of(out) if r["val_acc"] is not None)
+    assert accs["timm:mobilenetv2_100"] >= 0.8, accs  # chance is 0.333
+    assert abs(accs["timm:mobilenetv2_100"] - accs["torchvision:mobilenet_v2"]) <= 0.15, accs
+
+
+def test_every_new_head_starts_alike():
+    from torchgraft.train.loop import build_classifier_model, init_head
+
+    for spec in ("timm:mobilenetv2_100", "torchvision:mobilenet_v2"):
+        model, head = build_classifier_model(spec, {}, 3)
+        init_head(model.get_submodule(head))
+        weight = model.get_submodule(head).weight
+        assert 0.005 < float(weight.std()) < 0.015 and float(model.get_submodule(head).bias.abs().max()) == 0
+
+
+def test_two_processes_with_torchrun_match_one(tmp_path, mobilenet_v2_path, digits):
+    """Two CPU processes (gloo), the default recipe: each step takes the same global batch as one process, so
+    the probe, the learning rate per step and the accuracy match; files are written once, by rank 0."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = finetune(mobilenet_v2_path, digits, tmp_path / "ddp", "--epochs", "3")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(finetune(mobilenet_v2_path, digits, tmp_path / "one", "--epochs", "3")) == 0
+    ddp, one = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
+    assert [r["epoch"] for r in ddp] == [r["epoch"] for r in one] == [0, 1, 2]
+    assert proc.stdout.count("run summary") == 1
+    assert ddp[0]["val_acc"] == pytest.approx(one[0]["val_acc"], abs=1e-9)  # the same features, the same probe
+    assert ddp[0]["val_loss"] == pytest.approx(one[0]["val_loss"], rel=1e-3)
+    assert [r["lr"] for r in ddp[1:]] == pytest.approx([r["lr"] for r in one[1:]])  # per global step
+    assert [r["steps"] for r in ddp] == [r["steps"] for r in one]
+    assert abs(ddp[-1]["val_acc"] - one[-1]["val_acc"]) <= 0.05, (ddp, one)
+    assert ddp[-1]["train_loss"] == pytest.approx(one[-1]["train_loss"], rel=0.05)
+    state = load_file(tmp_path / "ddp" / "model.safetensors")
+    assert not any(k.startswith("module.") for k in state)
