@@ -249,6 +249,28 @@ def test_other_conv_kinds_and_channels_first(tmp_path):
     assert _max_diff(port1d, t, expected) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_nested_model(tmp_path, fmt):
+    """A functional model used as a layer of a Sequential (a base network under a new head): its layers are
+    named under it (`inner.c`), the Flatten after it reads its last layer's channels last."""
+    k = kp.keras()
+    k.utils.set_random_seed(5)
+    image = k.Input((8, 8, 3))
+    inner = k.Model(image, k.layers.BatchNormalization(name="b")(k.layers.Conv2D(4, 3, name="c")(image)),
+                    name="inner")
+    outer = k.Sequential([k.Input((8, 8, 3)), inner, k.layers.Flatten(name="f"), k.layers.Dense(2, name="d")])
+    kp.calibrate_batchnorms(outer, seed=5)
+    paths = _save(outer, tmp_path, "nested")
+    port = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, eps=1e-3)),
+                               torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    report = tg.transfer(paths[fmt], port, source_model=None, strict=True)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    assert _max_diff(port, x, _keras_output(outer, x)) < 1e-5
+    prefix = "" if fmt == "weights.h5" else "inner."  # a weights file records the layer names only
+    assert report.entry("0.1.running_var").source == f"{prefix}b.running_var"
+    assert report.entry("2.weight").layout == "flatten_channels_last"
+
+
 def test_gru_reset_before_is_refused(tmp_path):
     model = kp.keras_recurrent(reset_after=False)
     model.save(tmp_path / "gru.keras")

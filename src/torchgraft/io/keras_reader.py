@@ -384,8 +384,8 @@ def _legacy_layers(f: Any, path: Path) -> tuple[list[_Layer], dict[str, Any] | N
                 cls = sub_entry.get("class_name")
                 by_module[module] = _Layer(module, cls, sub_entry.get("config") or {})
                 scope = "" if inner is None else f"{name}/"
-                by_module[module].inputs = [_module_name(i.replace("/", ".")) for i in inputs.get(key, [])
-                                            if i.startswith(scope)]
+                by_module[module].inputs = [".".join(_module_name(q) for q in i.split("/"))
+                                            for i in inputs.get(key, []) if i.startswith(scope)]
                 by_module[module].input_shape = shapes.get(key)
             by_module[module].vars.append(_Var(var, f"{name}/{w}", group[w]))
         if not by_module:
@@ -807,6 +807,9 @@ def _foldable(layers: dict[str, _Layer]) -> dict[str, str]:
 def _source(path: Path, fmt: str, layers: list[_Layer], metadata: dict[str, Any],
             runner: Callable[[], ForeignRunner] | None, config: dict[str, Any] | None = None) -> Source:
     by_module = {layer.module: layer for layer in layers}
+    for layer in layers:  # a nested model read as one layer stands for its last layer
+        layer.inputs = [i if i in by_module else next((m for m in reversed(by_module) if m.startswith(i + ".")), i)
+                        for i in layer.inputs]
     entries: list[ForeignTensor] = []
     modules: dict[str, str] = {}
     attrs: dict[str, dict[str, Any]] = {}
