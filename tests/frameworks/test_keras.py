@@ -271,6 +271,37 @@ def test_a_nested_model(tmp_path, fmt):
     assert report.entry("2.weight").layout == "flatten_channels_last"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bidirectional_layers(tmp_path, fmt):
+    """A Bidirectional LSTM/GRU is one bidirectional nn.LSTM/nn.GRU: the backward layer takes the `_reverse`
+    tensors; Keras concatenates the directions as PyTorch does."""
+    import numpy as np
+
+    k = kp.keras()
+    k.utils.set_random_seed(6)
+    model = k.Sequential([k.Input((5, 4)), k.layers.Bidirectional(k.layers.LSTM(3, return_sequences=True), name="bl"),
+                          k.layers.Bidirectional(k.layers.GRU(2, return_sequences=True), name="bg")])
+    rng = np.random.default_rng(6)
+    for layer in model.layers:
+        layer.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.get_weights()])
+    paths = _save(model, tmp_path, "bi")
+
+    class Port(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(4, 3, batch_first=True, bidirectional=True)
+            self.gru = torch.nn.GRU(6, 2, batch_first=True, bidirectional=True)
+
+        def forward(self, x):
+            return self.gru(self.lstm(x)[0])[0]
+
+    port = Port()
+    report = tg.transfer(paths[fmt], port, source_model=None, strict=True)
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(6))
+    assert _max_diff(port, x, _keras_output(model, x)) < 1e-5
+    assert report.entry("gru.weight_hh_l0_reverse").source == "bg.weight_hh_l0_reverse"
+
+
 def test_gru_reset_before_is_refused(tmp_path):
     model = kp.keras_recurrent(reset_after=False)
     model.save(tmp_path / "gru.keras")

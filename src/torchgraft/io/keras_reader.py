@@ -218,7 +218,14 @@ def _config_layers(model: dict[str, Any], group: Any, prefix: str, path: Path) -
             layer.inputs = [by_name[n] for n in _layer_inputs(entry) if n in by_name]
         layer.input_shape = _tensor_shape(entry)
         previous = layer.module
-        if sub is not None:
+        if sub is not None and layer_cls == "Bidirectional":
+            for direction in ("forward", "backward"):
+                cell = sub.get(f"{direction}_layer/cell/vars")
+                names = ("kernel", "recurrent_kernel", "bias")
+                for i, dataset in enumerate(_index_vars(cell) if cell is not None else []):
+                    layer.vars.append(_Var(f"{direction}/{names[i]}" if i < 3 else None, dataset.name.lstrip("/"),
+                                           dataset))
+        elif sub is not None:
             where = sub.get("cell") if layer_cls in _RECURRENT and "cell" in sub else sub
             stored = _index_vars(where["vars"]) if "vars" in where else []
             expected = _expected_vars(layer_cls, config)
@@ -237,40 +244,49 @@ def _expected_vars(cls: str | None, config: dict[str, Any]) -> list[str] | None:
 
 
 def _file_layers(f: Any, path: Path) -> tuple[list[_Layer], str]:
-    """The layers of a Keras 3 weights file without a config: each group holding `vars`, named by its path (or
-    the layer name Keras recorded on it, when unique), its class read from the path, in the order Keras wrote
-    them (the datasets' offsets), else in the paths' natural order."""
-    found: list[tuple[str, Any, Any]] = []  # (h5 path of the layer, its vars group, first dataset)
+    """The layers of a Keras 3 weights file without a config: each group holding `vars`, named by the layer name
+    Keras recorded on it (when unique; else by its path), its class read from the path (`conv2d_3` is a
+    Conv2D), in the order `_file_order` finds. A Bidirectional's two layers are one layer."""
+    found: dict[str, list[tuple[str | None, Any]]] = {}  # h5 path of the layer -> (variable name, dataset)
+    kinds: dict[str, str] = {}
 
     def visit(group: Any, at: str) -> None:
         for k in _subgroups(group):
             child = group[k]
-            here = f"{at}/{k}" if at else k
-            if k == "vars":
-                stored = _index_vars(child)
-                if stored:
-                    found.append((at, child, stored))
+            if k != "vars":
+                visit(child, f"{at}/{k}" if at else k)
                 continue
-            visit(child, here)
+            stored = _index_vars(child)
+            wrapped = re.match(r"^(.*)/(forward|backward)_layer/cell$", at)
+            if stored and wrapped:
+                names = ("kernel", "recurrent_kernel", "bias")
+                found.setdefault(wrapped.group(1), []).extend(
+                    (f"{wrapped.group(2)}/{names[i]}" if i < 3 else None, d) for i, d in enumerate(stored))
+                kinds[wrapped.group(1)] = "Bidirectional"
+            elif stored:
+                found[at] = [(None, d) for d in stored]
 
     visit(f, "")
-    order, how = _file_order(f, [at for at, _, _ in found])
+    paths = list(found)
+    order, how = _file_order(f, paths)
     layers = []
-    named = [_recorded_name(f, found[i][0]) for i in order]
+    named = [_recorded_name(f, paths[i]) for i in order]
     unique = all(named) and len(set(named)) == len(named)
     for i, name in zip(order, named):
-        at, _, stored = found[i]
+        at = paths[i]
         parts = [p for p in at.split("/") if p not in ("layers", "")]
         if parts and parts[-1] == "cell":  # a recurrent layer's variables sit in its cell
             parts = parts[:-1]
-        cls = _CLASS_OF_SNAKE.get(re.sub(r"_\d+$", "", parts[-1])) if parts else None
+        cls = kinds.get(at) or (_CLASS_OF_SNAKE.get(re.sub(r"_\d+$", "", parts[-1])) if parts else None)
         module = _module_name(name) if unique else ".".join(_module_name(q) for q in parts) or "model"
-        config = _config_from_shapes(cls, stored)
+        datasets = [d for _, d in found[at]]
+        config = _config_from_shapes(cls, datasets)
         expected = _expected_vars(cls, config)
-        if expected is not None and len(expected) != len(stored):
+        if expected is not None and len(expected) != len(datasets):
             expected = None
         inputs = [layers[-1].module] if layers else []
-        stored_vars = [_Var(expected[j] if expected else None, d.name.lstrip("/"), d) for j, d in enumerate(stored)]
+        stored_vars = [_Var(given or (expected[j] if expected else None), d.name.lstrip("/"), d)
+                       for j, (given, d) in enumerate(found[at])]
         layers.append(_Layer(module, cls, config, stored_vars, inputs, order_only=True))
     return layers, how
 
@@ -376,6 +392,9 @@ def _legacy_layers(f: Any, path: Path) -> tuple[list[_Layer], dict[str, Any] | N
                                       "expected every listed weight. The file is truncated or corrupt.")
             parts = w.split("/")
             var = parts[-1].split(":")[0]
+            direction = next((d for d in ("forward", "backward") for q in parts[:-1] if q.startswith(d + "_")), None)
+            if entry.get("class_name", "Bidirectional" if direction else None) == "Bidirectional" and direction:
+                var = f"{direction}/{var}"
             inner = _inner_layer(name, parts[:-1], entry.get("class_name"))
             key = name if inner is None else f"{name}/{inner}"
             sub_entry = configs.get(key, entry if inner is None else {})
@@ -393,7 +412,9 @@ def _legacy_layers(f: Any, path: Path) -> tuple[list[_Layer], dict[str, Any] | N
                                  inputs=[_module_name(i) for i in inputs.get(name, [])],
                                  input_shape=shapes.get(name)))
         for layer in by_module.values():
-            if layer.cls is None:
+            if layer.cls is None and any(v.name.startswith(("forward/", "backward/")) for v in layer.vars):
+                layer.cls = "Bidirectional"
+            elif layer.cls is None:
                 layer.cls = _class_from_vars(layer.vars)
                 layer.config = {**_config_from_shapes(layer.cls, [v.dataset for v in layer.vars]), **layer.config}
             layers.append(layer)
@@ -410,10 +431,12 @@ def _inner_layer(layer: str, scope: list[str], cls: str | None) -> str | None:
         return None
     if layer in scope:
         rest = scope[scope.index(layer) + 1:]
-        if not rest or rest[0].endswith("cell") or cls not in _MODELS | {None}:
+        if not rest or rest[0].endswith("cell") or rest[0].startswith(("forward_", "backward_")) \
+                or cls not in _MODELS | {None}:
             return None
         return rest[0]
-    if scope[-1] == layer or scope[-1].endswith("cell") or cls not in _MODELS | {None}:
+    if scope[-1] == layer or scope[-1].endswith("cell") or scope[-2:-1] and scope[-2].startswith(
+            ("forward_", "backward_")) or cls not in _MODELS | {None}:
         return None
     return scope[-1]
 
@@ -520,6 +543,9 @@ def _present(layer: _Layer, layers: dict[str, _Layer], path: Path) -> tuple[list
     out: list[ForeignTensor] = []
     kinds = {m: cls or "unknown"}
     attrs: dict[str, Any] = {}
+    if cls == "Bidirectional":
+        tensors, wrapped = _bidirectional(layer, path)
+        return tensors, {m: f"Bidirectional({wrapped})"}, attrs
     if len(named) != len(layer.vars) or cls is None or cls not in KERAS_VARS:
         for i, v in enumerate(layer.vars):  # what the file does not explain stays as stored, under its own name
             out.append(_tensor(f"{m}.{v.name or f'var_{i}'}", v))
@@ -563,12 +589,13 @@ def _present(layer: _Layer, layers: dict[str, _Layer], path: Path) -> tuple[list
     elif cls == "PReLU":
         out.append(_tensor(f"{m}.weight", named["alpha"]))
     elif cls in _RECURRENT:
-        out += _recurrent(layer, named, path)
+        out += _recurrent(cls, config, m, named, path)
     return out, kinds, attrs
 
 
-def _recurrent(layer: _Layer, named: dict[str, _Var], path: Path) -> list[ForeignTensor]:
-    cls, config, m = layer.cls, layer.config, layer.module
+def _recurrent(cls: str, config: dict[str, Any], m: str, named: dict[str, _Var], path: Path,
+               suffix: str = "") -> list[ForeignTensor]:
+    """An LSTM/GRU/SimpleRNN's tensors; `suffix` `_reverse` for a Bidirectional's backward layer."""
     if cls == "GRU" and not config.get("reset_after", True):
         raise _Refused(f"{path}: GRU {m} has reset_after=False, which has no PyTorch equivalent (nn.GRU applies "
                        "the reset gate after the recurrent product); expected reset_after=True (Keras' default). "
@@ -581,18 +608,47 @@ def _recurrent(layer: _Layer, named: dict[str, _Var], path: Path) -> list[Foreig
                            f"{wanted[0]}/{wanted[1]}, the only ones nn.{cls} has. Nothing was read.")
     order = _GATES[cls]
     args = {"order": order, "transpose": True}
-    out = [_tensor(f"{m}.weight_ih_l0", named["kernel"], "gate_order", args),
-           _tensor(f"{m}.weight_hh_l0", named["recurrent_kernel"], "gate_order", args)]
+    out = [_tensor(f"{m}.weight_ih_l0{suffix}", named["kernel"], "gate_order", args),
+           _tensor(f"{m}.weight_hh_l0{suffix}", named["recurrent_kernel"], "gate_order", args)]
     bias = named.get("bias")
     if bias is None:
         return out
     if len(bias.dataset.shape) == 2:  # GRU reset_after: input and recurrent biases, one row each
-        out += [_tensor(f"{m}.bias_ih_l0", bias, "gate_order", {"order": order, "transpose": False}, row=0),
-                _tensor(f"{m}.bias_hh_l0", bias, "gate_order", {"order": order, "transpose": False}, row=1)]
+        out += [_tensor(f"{m}.bias_ih_l0{suffix}", bias, "gate_order", {"order": order, "transpose": False}, row=0),
+                _tensor(f"{m}.bias_hh_l0{suffix}", bias, "gate_order", {"order": order, "transpose": False}, row=1)]
         return out
-    ih = _tensor(f"{m}.bias_ih_l0", bias, "gate_order", {"order": order, "transpose": False})
-    return out + [ih, _zeros(ih, f"{m}.bias_hh_l0", f"zeros: Keras' {cls} has one bias ({bias.origin}), "
-                                                  "placed in bias_ih_l0; torch adds both")]
+    ih = _tensor(f"{m}.bias_ih_l0{suffix}", bias, "gate_order", {"order": order, "transpose": False})
+    return out + [ih, _zeros(ih, f"{m}.bias_hh_l0{suffix}", f"zeros: Keras' {cls} has one bias ({bias.origin}), "
+                                                          f"placed in bias_ih_l0{suffix}; torch adds both")]
+
+
+def _wrapped(config: dict[str, Any]) -> tuple[str | None, dict[str, Any], dict[str, Any]]:
+    """A Bidirectional's recurrent class and its forward and backward layers' settings."""
+    inner = config.get("layer") or {}
+    backward = config.get("backward_layer") or inner
+    return inner.get("class_name"), inner.get("config") or {}, backward.get("config") or inner.get("config") or {}
+
+
+def _bidirectional(layer: _Layer, path: Path) -> tuple[list[ForeignTensor], str]:
+    """A Bidirectional LSTM/GRU as one bidirectional nn.LSTM/nn.GRU: the backward layer's tensors take
+    PyTorch's `_reverse` names. Keras' variables are named `forward/...` and `backward/...` here."""
+    cls, forward, backward = _wrapped(layer.config)
+    if cls is None:  # no config: the class from the variables
+        cls = _class_from_vars([_Var(v.name.split("/", 1)[1], v.origin, v.dataset) for v in layer.vars
+                                if v.name and v.name.startswith("forward/")])
+    merge = layer.config.get("merge_mode", "concat")
+    if cls not in _RECURRENT or merge != "concat":
+        raise _Refused(f"{path}: Bidirectional {layer.module} wraps {cls} with merge_mode {merge!r}; expected an "
+                       "LSTM, GRU or SimpleRNN whose directions are concatenated, as PyTorch's bidirectional layers "
+                       "are. Nothing was read.")
+    out = []
+    for direction, config, suffix in (("forward", forward, ""), ("backward", backward, "_reverse")):
+        named = {v.name.split("/", 1)[1]: v for v in layer.vars if v.name and v.name.startswith(direction + "/")}
+        if not config:
+            config = _config_from_shapes(cls, [named[k].dataset for k in ("kernel", "recurrent_kernel", "bias")
+                                               if k in named])
+        out += _recurrent(cls, config, layer.module, named, path, suffix)
+    return out, cls
 
 
 def _flatten_before(layer: _Layer, layers: dict[str, _Layer]) -> list[int] | None:
