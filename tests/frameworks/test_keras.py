@@ -302,6 +302,26 @@ def test_bidirectional_layers(tmp_path, fmt):
     assert report.entry("gru.weight_hh_l0_reverse").source == "bg.weight_hh_l0_reverse"
 
 
+def test_embedding_and_layer_norm(tmp_path):
+    """Embedding -> weight; LayerNormalization gamma/beta -> weight/bias with Keras' epsilon (1e-3) carried."""
+    import numpy as np
+
+    k = kp.keras()
+    k.utils.set_random_seed(7)
+    model = k.Sequential([k.Input((6,), dtype="int32"), k.layers.Embedding(20, 8, name="tok"),
+                          k.layers.LayerNormalization(name="norm"), k.layers.Dense(3, name="head")])
+    rng = np.random.default_rng(7)
+    for layer in model.layers:
+        layer.set_weights([rng.normal(0, 0.5, w.shape).astype("float32") for w in layer.get_weights()])
+    model.save(tmp_path / "text.keras")
+    port = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    report = tg.transfer(tmp_path / "text.keras", port, source_model=None, strict=True)
+    assert port[1].eps == 1e-3 and report.entry("1.weight").source == "norm.weight"
+    ids = torch.randint(0, 20, (2, 6), generator=torch.Generator().manual_seed(7))
+    expected = torch.as_tensor(k.ops.convert_to_numpy(model(ids, training=False)))
+    assert _max_diff(port, ids, expected) < 1e-5
+
+
 def test_gru_reset_before_is_refused(tmp_path):
     model = kp.keras_recurrent(reset_after=False)
     model.save(tmp_path / "gru.keras")
