@@ -7,9 +7,9 @@ Where the names and the order come from:
 - `.keras` (zip: `config.json` + `model.weights.h5`): the config lists the layers in execution order, with
   their class and settings; the weights file stores each layer's variables by index under
   `layers/<snake_case class>[_N]/vars/<i>` (Keras' `saving_lib`), so the config names them.
-- `.weights.h5` alone has no config: layers are named by their h5 paths (or the layer name Keras 3.x records
-  on `vars`), their class read from the path (`conv2d_3` is a `Conv2D`), and ordered as Keras wrote them (the
-  datasets' offsets in the file), which is the model's layer order.
+- `.weights.h5` alone has no config: layers are named by the layer name Keras 3.x records on `vars` (else by
+  their h5 paths), their class read from the path (`conv2d_3` is a `Conv2D`); each class's order is Keras'
+  (its counters), the classes' interleaving approximate (`_file_order`). No epsilon, momentum or data flow.
 - legacy `.h5` (`model.save("x.h5")`, Keras 2's `save_weights`): `layer_names` gives the order,
   `weight_names` each variable's name; a whole-model file's `model_config` gives classes and settings.
 
@@ -29,11 +29,15 @@ Each layer becomes PyTorch modules and local names (`KERAS_VARS`), with the layo
                                                 bias_ih_l0; bias_hh_l0 zeros (Keras has one bias; torch adds both)
     GRU (reset_after=True)                      gates z,r,h -> torch's r,z,n; bias rows -> bias_ih_l0/bias_hh_l0
     SimpleRNN                                   weight_ih_l0/weight_hh_l0/bias_ih_l0; bias_hh_l0 zeros
+    Bidirectional(LSTM/GRU/SimpleRNN)           one bidirectional layer: the backward one as `..._reverse`
 
 A GRU with `reset_after=False`, or a recurrent layer with activations `nn.LSTM`/`nn.GRU` do not have, has no
 PyTorch equivalent and is refused. A conv with a bias whose only consumer is a BatchNormalization (Keras'
 ResNet50) is offered as `foldable_bias`: the plan moves the bias into the norm's running mean when the target
 conv has none. A layer of a class not listed keeps its variables under their own names, laid out as stored.
+
+With a config, the Source also carries the graph's data flow (`Source.flow`), so the structure stage tells
+look-alike modules apart by their neighbours (a ResNet block's 1x1 shortcut from its last 1x1 conv).
 """
 
 from __future__ import annotations
