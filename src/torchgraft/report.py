@@ -106,6 +106,8 @@ class Report:
     """How the transfer ran (model built on the meta device or not, and why), for the curious."""
     model: Any = field(default=None, repr=False, compare=False)
     """The model that received the tensors (the one `transfer(build=...)` built)."""
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Module attributes set from the source (a Keras BatchNorm's eps and momentum), by target module."""
     _numeric_seen: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def counts(self) -> dict[str, int]:
@@ -155,6 +157,7 @@ class Report:
             "warnings": self.warnings,
             "numeric": self.numeric,
             "verified": self.verified,
+            **({"settings": self.settings} if self.settings else {}),
         }
         if self.verification is not None:
             out["verify"] = self.verification.to_dict()

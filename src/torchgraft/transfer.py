@@ -13,6 +13,7 @@ This module is callable: `torchgraft.transfer(...)` is `torchgraft.transfer.tran
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,7 +34,7 @@ from torchgraft.report import Entry, Report, check_loads_something, sources_of
 from torchgraft.verify import ForeignRunner, verify
 
 __all__ = ["Entry", "Report", "Plan", "apply", "transfer", "build_target", "save_state", "meta_blockers",
-           "parameters_on_meta", "DTYPES", "OUTPUT_SUFFIXES"]
+           "parameters_on_meta", "DTYPES", "OUTPUT_SUFFIXES", "written_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def apply(plan: Plan, source: Source | Mapping[str, torch.Tensor] | str | os.Pat
     for name, attrs in plan.settings.items():  # a source module's eps/momentum, carried to its target module
         for attr, value in attrs.items():
             setattr(modules[name], attr, value)
+    report.settings = {k: dict(v) for k, v in plan.settings.items()}
     if policy is not None:
         model.to(policy)
     if releaser is not None:
@@ -162,6 +164,20 @@ def _build(build: str | Callable[[], nn.Module], model_kwargs: str | dict | None
     if not isinstance(model, nn.Module):
         raise GraftError(f"build returned a {type(model).__name__}; expected a torch.nn.Module.")
     return model
+
+
+def written_settings(report: Report, metadata: dict[str, str] | None) -> dict[str, str] | None:
+    """The output file's metadata with the module attributes the transfer set (`torchgraft.settings`), and a
+    warning in the report: a weights file holds tensors, so a model built anew from it must set them too."""
+    if not report.settings:
+        return metadata
+    first, attrs = next(iter(report.settings.items()))
+    shown = ", ".join(f"{a} {v}" for a, v in attrs.items())
+    report.warnings.append(
+        f"{len(report.settings)} modules take attributes from the source (e.g. {first}: {shown}); they are not "
+        "tensors, so a model built anew from the written file must set them too (the report's \"settings\"; a "
+        ".safetensors output holds them as metadata `torchgraft.settings`)")
+    return {**(metadata or {}), "torchgraft.settings": json.dumps(report.settings, sort_keys=True)}
 
 
 def save_state(model: nn.Module, out: str | os.PathLike[str], metadata: dict[str, str] | None = None, *,
@@ -289,7 +305,8 @@ def transfer(source: Source | Mapping[str, torch.Tensor] | str | os.PathLike[str
                              f"divergence at {d.target_module} (source {d.source_module}), max |diff| "
                              f"{d.max_abs_diff:.3g}. Nothing was written. Review the plan (`graft plan`).")
     if out is not None:
-        save_state(model, out, metadata=metadata, progress=write_progress, release_pages=True)
+        save_state(model, out, metadata=written_settings(report, metadata), progress=write_progress,
+                   release_pages=True)
     for w in report.warnings:
         log.warning(w)
     return report

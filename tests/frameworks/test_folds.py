@@ -149,3 +149,21 @@ def test_layout_functions_move_numbers_only():
     assert torch.equal(bias_into_bn(torch.ones(3), torch.arange(3.0)), torch.tensor([1.0, 0.0, -1.0]))
     with pytest.raises(ValueError):
         channels_last_kernel(conv, "sideways")
+
+
+def test_settings_travel_with_a_written_file(mobilenet_v2_path, tmp_path):
+    """eps and momentum are module attributes, not tensors: a written file carries them as metadata and the
+    report says a model built anew must set them."""
+    import json
+
+    from safetensors import safe_open
+
+    entries, foldable, attrs = _keras_style(_real_mobilenet(mobilenet_v2_path), eps=1e-3)
+    source = foreign_source("model.keras", "keras", entries, foldable_bias=foldable, module_attrs=attrs)
+    out = tmp_path / "out.safetensors"
+    report = tg.transfer(source, build="torchvision:mobilenet_v2", out=out)
+    assert report.to_dict()["settings"]["features.18.1"] == {"eps": 1e-3, "momentum": 0.01}
+    assert any("must set them too" in w for w in report.warnings)
+    with safe_open(str(out), "pt") as f:
+        written = json.loads(f.metadata()["torchgraft.settings"])
+    assert written == report.settings and len(written) == 52

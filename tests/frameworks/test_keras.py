@@ -148,27 +148,27 @@ def test_mobilenet_v2_with_tensorflow_padding(apps):
     assert _max_diff(plain, X, expected) > 0.1
 
 
-def test_a_weights_file_alone_is_ordered_by_the_file(apps):
+@pytest.mark.parametrize("name", ["MobileNetV2", "ResNet50"])
+def test_a_weights_file_alone_places_nothing_by_position(apps, name):
     """A `.weights.h5` has no config: layers are named by the names Keras recorded, classes come from the
-    paths (`conv2d_12` is a Conv2D), each class's order from Keras' counters. It says no epsilon: the target
-    keeps its own unless given Keras' (MobileNetV2's is 1e-3). Every tensor lands where the `.keras` file
-    puts it."""
-    paths, expected, _ = apps["MobileNetV2"]
+    paths (`conv2d_12` is a Conv2D), each class's order from Keras' counters, but how the classes interleave is
+    a guess (`_file_order`). Its order is not trusted: only what names and shapes found once on each side
+    prove is placed, each tensor where the `.keras` file puts it, and the report says what is missing and
+    which file gives it. (By position alone, ResNet50's look-alike shortcut convs took wrong tensors.)"""
+    paths, _, _ = apps[name]
     source = tg.load(paths["weights.h5"])
     assert source.format == "keras-weights" and source.metadata["order"].startswith("no config")
-    assert list(source.keys())[:2] == ["Conv1.weight", "bn_Conv1.weight"]
-    assert source.modules["expanded_conv_depthwise"] == "DepthwiseConv2D" and not source.module_attrs
-    model = kp.mobilenet_v2_tf_padding()
-    report = tg.transfer(source, model, source_model=None, strict=True, input_shape=(1, 3, 64, 64))
-    assert not report.unused_source and model.features[0][1].eps == 1e-5
-    assert _max_diff(model, X, expected) > 1e-3  # eps 1e-5 instead of Keras' 1e-3
-    with_config = tg.transfer(paths["keras"], kp.mobilenet_v2_tf_padding(), source_model=None,
-                              input_shape=(1, 3, 64, 64))
-    assert [e.source for e in report.entries] == [e.source for e in with_config.entries]
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eps = 1e-3
-    assert _max_diff(model, X, expected) < _tolerance(expected)
+    assert not source.order_known and not source.module_attrs
+    build = kp.mobilenet_v2_tf_padding if name == "MobileNetV2" else kp.resnet50_v1
+    model = build()
+    report = tg.transfer(source, model, source_model=None, input_shape=(1, 3, 64, 64))
+    reference = build()
+    tg.transfer(paths["keras"], reference, source_model=None, input_shape=(1, 3, 64, 64))
+    placed = [e.target for e in report.entries if e.status != "new" and not e.target.endswith("num_batches_tracked")]
+    assert placed, "names and unique shapes place some tensors"
+    wrong = [t for t in placed if not torch.equal(model.state_dict()[t], reference.state_dict()[t])]
+    assert wrong == []
+    assert any("has no config" in n and ".keras file" in n for n in report.notes)
 
 
 # ---- small hand-made models ----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torchgraft.io.write import atomic_write, refuse_same_path, save_pretrained_
 from torchgraft.summary import collapse_indices
 from torchgraft.match.plan import DTYPES, Plan, plan
 from torchgraft.report import Report, check_loads_something
-from torchgraft.transfer import OUTPUT_SUFFIXES, build_target, save_state, transfer
+from torchgraft.transfer import OUTPUT_SUFFIXES, build_target, save_state, transfer, written_settings
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +226,8 @@ def run_transfer(source, model, model_kwargs, rules, key, source_classes, target
             if folder:
                 save_pretrained_folder(result.model, out)
             else:
-                save_state(result.model, out, metadata=metadata, progress=bars.bar(f"writing {Path(out).name}"),
-                           release_pages=True)
+                save_state(result.model, out, metadata=written_settings(result, metadata),
+                           progress=bars.bar(f"writing {Path(out).name}"), release_pages=True)
     for note in result.notes:
         log.debug("%s: %s", model, note)
     if not dry_run and report is not None:

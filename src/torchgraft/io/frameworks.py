@@ -109,7 +109,8 @@ def foreign_source(path: str, fmt: str, entries: Sequence[ForeignTensor], *,
                    runner: Callable[[], torch.nn.Module] | None = None, folded_bn: bool = False,
                    foldable_bias: Mapping[str, str] | None = None,
                    flow: Mapping[str, set[str]] | None = None,
-                   joined: set[tuple[str, str]] | None = None) -> Source:
+                   joined: set[tuple[str, str]] | None = None, order_known: bool = True,
+                   notes: Sequence[str] = ()) -> Source:
     """A `Source` of another framework's tensors, in the order given (the source's execution order).
 
     Args:
@@ -122,6 +123,11 @@ def foreign_source(path: str, fmt: str, entries: Sequence[ForeignTensor], *,
             without a bias followed by a BatchNorm nothing places gets the folded kernel, the norm the identity.
         foldable_bias: conv bias key -> the BatchNorm module it feeds alone: folded into that norm's running
             mean when the target conv has no bias.
+        flow, joined: the data flow between modules when the file describes its graph (producer -> consumers;
+            the edges through an addition), used as a traced source model's would be.
+        order_known: False when the entries' order is not the source's execution order: no alignment by
+            position is trusted then (only names and shapes found once on each side).
+        notes: what the reader could not know (no epsilon in the file), carried into the plan's notes.
         flow, joined: the data flow between the presented modules, when the file describes the graph (a Keras
             config): producer -> consumers, and the edges that pass only through an addition (`match.trace`'s
             `Trace.flow`/`joined`); the structure stage then settles look-alike modules by their neighbours.
@@ -141,4 +147,4 @@ def foreign_source(path: str, fmt: str, entries: Sequence[ForeignTensor], *,
                   module_attrs={k: dict(v) for k, v in (module_attrs or {}).items()},
                   runner=runner, folded_bn=folded_bn, foldable_bias=dict(foldable_bias or {}),
                   flow={k: set(v) for k, v in flow.items()} if flow is not None else None,
-                  joined=set(joined or ()))
+                  joined=set(joined or ()), order_known=order_known, notes=list(notes))

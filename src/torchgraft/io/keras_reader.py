@@ -49,7 +49,7 @@ import os
 import re
 import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -865,7 +865,8 @@ def _foldable(layers: dict[str, _Layer]) -> dict[str, str]:
 
 
 def _source(path: Path, fmt: str, layers: list[_Layer], metadata: dict[str, Any],
-            runner: Callable[[], ForeignRunner] | None, config: dict[str, Any] | None = None) -> Source:
+            runner: Callable[[], ForeignRunner] | None, config: dict[str, Any] | None = None,
+            order_known: bool = True, notes: Sequence[str] = ()) -> Source:
     by_module = {layer.module: layer for layer in layers}
     for layer in layers:  # a nested model read as one layer stands for its last layer
         layer.inputs = [i if i in by_module else next((m for m in reversed(by_module) if m.startswith(i + ".")), i)
@@ -898,7 +899,7 @@ def _source(path: Path, fmt: str, layers: list[_Layer], metadata: dict[str, Any]
                 present[_layer_of(module)].append(module)
         flow["flow"], flow["joined"] = _flow(nodes, present)
     return foreign_source(str(path), fmt, entries, metadata=metadata, modules=modules, module_attrs=attrs,
-                          runner=runner, foldable_bias=foldable, **flow)
+                          runner=runner, foldable_bias=foldable, order_known=order_known, notes=notes, **flow)
 
 
 # ---- the three kinds of file --------------------------------------------------------------------------------
@@ -952,7 +953,10 @@ def read_h5(path: str | os.PathLike[str]) -> Source:
         raise CheckpointError(f"{p}: an HDF5 file with neither layer_names nor layers/.../vars (it holds "
                               f"{list(f)[:5]}); expected a Keras .weights.h5 or .h5 file.")
     layers, how = _layers_or_refuse(lambda: _file_layers(f, p), p)
-    return _source(p, "keras-weights", layers, {"order": how}, None)
+    return _source(p, "keras-weights", layers, {"order": how}, None, order_known=False,
+                   notes=[f"{p.name} has no config: {how}; no layer is placed by its position alone, and no "
+                          "BatchNorm epsilon or momentum is known (PyTorch's are kept). The .keras file, or a "
+                          "whole-model .h5, gives both."])
 
 
 def _layers_or_refuse(read: Callable[[], Any], path: Path) -> Any:

@@ -84,6 +84,10 @@ class Source:
     # it for a PyTorch model: producer -> consumers, and the edges that pass only through an addition.
     flow: dict[str, set[str]] | None = None
     joined: set[tuple[str, str]] = field(default_factory=set)
+    # False when the file's order is not the model's execution order (a Keras .weights.h5 without its config):
+    # matching then trusts no alignment by position. `notes`: what the reader could not know, for the report.
+    order_known: bool = True
+    notes: list[str] = field(default_factory=list)
 
     def keys(self) -> list[str]:
         return list(self.info)

@@ -416,7 +416,7 @@ class State:
         self.why_unused: dict[str, str] = {}
         self.pending: list[_Pending] = []
         self.warnings: list[str] = []
-        self.notes: list[str] = []
+        self.notes: list[str] = list(source.notes)  # what the reader could not know comes first
         self.target_order: list[str] | None = None
         self.virtual_targets: dict[str, list[Group]] = {}  # virtual fused group -> the separate projections
         self.source_order: list[str] | None = None
@@ -587,7 +587,9 @@ def _structure(st: State) -> None:
     # meets `blocks.2`, and load by position only under equal names.
     # Both sides in execution order where it is known: the target traced, the source traced when its model
     # was given (`source_model=`), else the file's order.
-    order_lost = st.source_order is None and _string_sorted(list(st.src))
+    # a file whose order is not its model's (`Source.order_known`: a Keras .weights.h5 without its config) is
+    # read as if sorted: nothing is placed by its position alone
+    order_lost = st.source_order is None and (not st.source.order_known or _string_sorted(list(st.src)))
     src_keys = _in_order(free, st.source_order) if st.source_order else \
         (natural_order(free) if order_lost else list(free))
     src_groups, src_virtual = fuse_projections(split_containers(groups_from_keys({k: free[k] for k in src_keys})))
@@ -596,7 +598,7 @@ def _structure(st: State) -> None:
         tgt_order = _own_tensors_first(tgt_order)
     tgt_groups, tgt_virtual = fuse_projections(split_containers(groups_from_keys({k: st.tgt[k] for k in tgt_order})))
     cut_at_anchors = True
-    if order_lost and _order_recovered(src_groups, tgt_groups):
+    if order_lost and st.source.order_known and _order_recovered(src_groups, tgt_groups):
         order_lost = cut_at_anchors = False
     elif order_lost:
         # Both sides sorted by name: where a unique module sits in that order says nothing about its place in
