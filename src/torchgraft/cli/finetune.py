@@ -32,7 +32,8 @@ model has the highest validation accuracy, ties broken by the lower validation l
 
 DATA is DIR/train/<class>/* and DIR/val/<class>/*, or DIR/<class>/* split with --val-split.
 OUT receives model.safetensors (best on validation), last.ckpt, metrics.jsonl, config.yaml, classes.txt,
-split.json (the images that trained and validated), curves.png and confusion.png. `--resume OUT` continues an interrupted run with its saved configuration.
+split.json (the images that trained and validated), curves.png and confusion.png. `--resume OUT` continues an
+interrupted run with its saved configuration.
 
 Several processes: torchrun --nproc_per_node=2 $(command -v graft) finetune ... (--batch-size is the global batch)
 

@@ -25,8 +25,9 @@ class FinetuneConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the model factory (num_classes is set from the data)."""
     epochs: int = 5
-    """The budget: what the seeds' loop spends in this many epochs (passes of training steps over the training
-    images, one validation). The linear probe and validation are paid from it; the fine-tune gets the rest."""
+    """The budget: what a plain training loop spends in this many epochs (passes of training steps over the
+    training images, then one validation). The linear probe and validation are paid from it; the fine-tune gets
+    the rest."""
     head_epochs: int | None = None
     """Epochs on images that train only the classifier (backbone frozen; see train_bn) before everything
     unfreezes. Default: none after a linear probe (it fitted the classifier already); a fifth of --epochs with
