@@ -54,8 +54,8 @@ def main() -> None:
     assert (run / "classes.txt").read_text().split() == ["cat", "dog"]
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(epochs) >= 2
-    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"], epochs     # it learns
-    best = max(e["val_acc"] for e in epochs)
+    best = max(e["val_acc"] for e in epochs if e["val_acc"] is not None)
+    assert best > 0.5, epochs                                              # better than chance on 2 classes
 
     photo = next((data / "val" / "dog").iterdir())
     code = graft(["predict", "--model", "torchvision:mobilenet_v2", "--weights", str(run / "model.safetensors"),

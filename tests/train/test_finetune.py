@@ -79,8 +79,9 @@ def test_head_phase_freezes_the_backbone(tmp_path, mobilenet_v2_path, digits):
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, mobilenet_v2_path, digits):
-    straight = tmp_path / "straight"
-    assert main(finetune_args(mobilenet_v2_path, digits, straight, "--epochs", "3", "--head-epochs", "1")) == 0
+    straight = tmp_path / "straight"  # run as the killed one is: its own process, the same threads
+    whole = graft(*finetune_args(mobilenet_v2_path, digits, straight, "--epochs", "3", "--head-epochs", "1"))
+    assert whole.communicate(timeout=300) and whole.returncode == 0
     killed = tmp_path / "killed"
     proc = graft(*finetune_args(mobilenet_v2_path, digits, killed, "--epochs", "3", "--head-epochs", "1"))
     deadline = time.time() + 240

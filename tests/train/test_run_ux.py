@@ -94,12 +94,15 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, mobilenet_v2_path
                                                                               "--epochs", "8")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
+    while time.time() < deadline and proc.poll() is None:  # until a checkpoint of epoch 2 is in place
         if (out / "last.ckpt").exists() and len(rows_of(out)) >= 2:
-            break
-        time.sleep(0.05)
+            try:  # renamed into place whole, so what exists reads
+                if torch.load(out / "last.ckpt", weights_only=True)["epoch"] >= 2:
+                    break
+            except (OSError, RuntimeError, EOFError):
+                pass
+        time.sleep(0.2)
     assert proc.poll() is None, "the run finished before it could be interrupted"
-    time.sleep(0.3)  # let the second checkpoint land
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
