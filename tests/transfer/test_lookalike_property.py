@@ -127,12 +127,26 @@ _kinds = st.lists(st.sampled_from(sorted(BLOCKS)), min_size=2, max_size=5)
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors", "source model"])
 @pytest.mark.parametrize("naming", ["same names, extras apart", "renamed, extras apart", "renamed, extras inside"])
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the same examples every run (CI)
 @given(data=st.data(), kinds=_kinds, seed=st.integers(0, 2**16))
 def test_look_alike_blocks_never_take_a_neighbours_weights(tmp_path_factory, fmt, naming, data, kinds, seed):
     n_extra = data.draw(st.integers(1, 3), label="extras")
     extras = data.draw(st.lists(st.tuples(st.integers(0, len(kinds)), st.integers(0, len(kinds) - 1)),
                                 min_size=n_extra, max_size=n_extra), label="(at, of)")
+    _check(tmp_path_factory, fmt, naming, kinds, extras, seed)
+
+
+@pytest.mark.xfail(strict=True, reason="known misplacement, found by the property test above in a fresh-clone run: "
+                   "the data-flow rule gives a ConvNeXt look-alike placed inside the body its neighbour's weights "
+                   "(body.1 into trunk.mb, which holds body.0's); the matcher must leave it new")
+def test_known_data_flow_misplacement(tmp_path_factory):
+    _check(tmp_path_factory, "source model", "renamed, extras inside", ["convnext", "convnext", "basic"],
+           [(0, 2), (1, 2)], 0)
+
+
+def _check(tmp_path_factory, fmt: str, naming: str, kinds: list[str], extras: list[tuple[int, int]],
+           seed: int) -> None:
     source = _unique(Net({"body": kinds}, [("body", i) for i in range(len(kinds))]), seed)
     state = {k: v.contiguous() for k, v in source.state_dict().items()}
     target, truth = _surgery(kinds, extras, naming)
