@@ -179,12 +179,8 @@ def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs
     src_out, _, src_handles = _record(source_model, list(set(pairs.values())))
     tgt_out, tgt_order, tgt_handles = _record(target_model, list(pairs))
     try:
-        with torch.no_grad():
-            y_src = _first_tensor(source_model(*src_args, **src_kwargs))
-            y_tgt = _first_tensor(target_model(*args, **kwargs))
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise GraftError(f"verify could not run both models on the same input ({str(exc).splitlines()[0]}); "
-                         "pass an input that fits both.") from None
+        y_src, y_tgt = _run_both(source_model, (src_args, src_kwargs), target_model, (args, kwargs),
+                                 "both models")
     finally:
         for h in src_handles + tgt_handles:
             h.remove()
@@ -221,6 +217,19 @@ def verify(source_model: nn.Module, target_model: nn.Module, report: Any, inputs
     return Verification(compared, agreed, first, output_diff, notes)
 
 
+def _run_both(source: nn.Module, source_input: tuple[tuple, dict], target: nn.Module,
+              target_input: tuple[tuple, dict], what: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The first output tensor of each model on its input, without gradients; one GraftError when either
+    cannot run on it."""
+    try:
+        with torch.no_grad():
+            return (_first_tensor(source(*source_input[0], **source_input[1])),
+                    _first_tensor(target(*target_input[0], **target_input[1])))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise GraftError(f"verify could not run {what} on the same input ({str(exc).splitlines()[0]}); "
+                         "pass an input that fits both.") from None
+
+
 def _verify_outputs(runner: ForeignRunner, target_model: nn.Module, inputs: Any, *, atol: float,
                     rtol: float) -> Verification:
     """Both models on one input, outputs compared: all a source running in another framework allows."""
@@ -231,12 +240,8 @@ def _verify_outputs(runner: ForeignRunner, target_model: nn.Module, inputs: Any,
     was = target_model.training
     target_model.eval()
     try:
-        with torch.no_grad():
-            y_tgt = _first_tensor(target_model(*args, **kwargs))
-            y_src = _first_tensor(runner(*args, **kwargs))
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise GraftError(f"verify could not run {runner.describe()} and the target on the same input "
-                         f"({str(exc).splitlines()[0]}); pass an input that fits both.") from None
+        y_src, y_tgt = _run_both(runner, (args, kwargs), target_model, (args, kwargs),
+                                 f"{runner.describe()} and the target")
     finally:
         target_model.train(was)
     name = f"(output of {runner.describe()})"
