@@ -34,10 +34,11 @@ SILERO = Path(__import__("silero_vad").__file__).parent / "data"
 X = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
-def _export(model: nn.Module, path: Path, dynamo: bool) -> Path:
+def _export(model: nn.Module, path: Path, dynamo: bool = True, x: torch.Tensor = X, **options) -> Path:
+    """`torch.onnx.export` with the exporter's chatter silenced."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (X,), str(path), dynamo=dynamo)
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, **options)
     return path
 
 
@@ -174,9 +175,7 @@ def test_matmul_weights_and_recurrent_gates_take_pytorch_layouts(tmp_path, dynam
     torch.manual_seed(0)
     model, x = _Recurrent().eval(), torch.randn(2, 5, 8)
     path = tmp_path / "rnn.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=dynamo)
+    _export(model, path, dynamo, x)
     src = tg.load(path)
     assert sorted(src.keys()) == sorted(model.state_dict())  # the initial states (zeros) are not weights
     assert src.layouts["proj.weight"] == ("dense_kernel", {})  # MatMul by an (in, out) initializer
@@ -205,9 +204,7 @@ def test_vit_matmul_weights_and_top_level_parameters(tmp_path, dynamo):
             p.add_(torch.randn_like(p) * 0.02)
     x = torch.randn(1, 3, 32, 32)
     path = tmp_path / "vit.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=dynamo)
+    _export(model, path, dynamo, x)
     src = tg.load(path)
     assert src.layouts["blocks.1.mlp.fc2.weight"] == ("dense_kernel", {})
     assert torch.equal(src["blocks.0.attn.qkv.weight"], model.blocks[0].attn.qkv.weight)
@@ -236,9 +233,7 @@ def test_kept_batchnorms_take_the_conv_bias_into_the_running_mean_and_carry_eps(
             m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(1, 3, 16, 16)
     path = tmp_path / "convbn.onnx"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(source, (x,), str(path), optimize=False)
+    _export(source, path, x=x, optimize=False)
     src = tg.load(path)
     assert not src.folded_bn and src.foldable_bias == {"0.bias": "1", "3.bias": "4"}
     assert src.module_attrs["1"] == {"eps": 0.001, "momentum": 0.1}
