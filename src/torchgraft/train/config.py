@@ -36,8 +36,10 @@ class FinetuneConfig:
     """Images per step over all processes (the global batch): under torchrun each of N processes takes 1/N."""
     lr: float = 1e-3
     """AdamW learning rate of the classifier; the backbone gets lr * backbone_lr_mult once unfrozen."""
-    backbone_lr_mult: float = 0.5
-    """Discriminative learning rate: the backbone's lr as a fraction of the classifier's."""
+    backbone_lr_mult: float | None = None
+    """Discriminative learning rate: the backbone's lr as a fraction of the classifier's. Default: 0.2 after a
+    linear probe (its BatchNorm layers stay frozen, so nothing re-normalises what the weights' steps move), 0.5
+    with --no-linear-probe (BatchNorm trains)."""
     layer_decay: float | None = None
     """Layer-wise learning-rate decay once the backbone trains (timm-style): each block closer to the input gets
     this factor more; the classifier keeps lr (e.g. 0.9; off by default)."""
@@ -107,6 +109,8 @@ class FinetuneConfig:
             problems.append(f"`--batch-size {self.batch_size}` must be at least 1")
         if not self.lr > 0:
             problems.append(f"`--lr {self.lr}` must be positive")
+        if self.backbone_lr_mult is not None and not self.backbone_lr_mult > 0:
+            problems.append(f"`--backbone-lr-mult {self.backbone_lr_mult}` must be positive")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             problems.append(f"`--layer-decay {self.layer_decay}` must be in (0, 1]")
         if self.workers is not None and self.workers < 0:

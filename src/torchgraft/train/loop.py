@@ -47,7 +47,7 @@ from torchgraft.train.data import (Crops, DecodedImages, augment, check_splits, 
                                    find_splits, memory_budget, normalise, preprocessing_for)
 from torchgraft.train.metrics import confusion_matrix, plot_confusion, plot_curves
 from torchgraft.train.probe import Probe, fit_probe, held_out_split
-from torchgraft.train.recipe import Recipe, plan_recipe, warmup_steps
+from torchgraft.train.recipe import Recipe, backbone_lr_mult, plan_recipe, warmup_steps
 from torchgraft.transfer import Report, transfer
 
 __all__ = ["finetune", "Reporter", "RunResult", "build_classifier_model", "find_head", "finished_epochs",
@@ -348,7 +348,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     train_model: nn.Module = model  # the DDP wrapper under torchrun, once built
     saved_at = time.monotonic()
     for number in range(start_epoch + 1, recipe.epochs + 1):
-        added = schedule.step(number, model, optimizer, lr=config.lr * config.backbone_lr_mult, **group_kwargs)
+        added = schedule.step(number, model, optimizer, lr=config.lr * backbone_lr_mult(config), **group_kwargs)
         if config.freeze and added:
             freeze(model, *config.freeze)
         if recipe.probe:  # every epoch: a resumed run unfreezes through its schedule, not through `added`

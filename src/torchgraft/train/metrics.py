@@ -38,13 +38,12 @@ def classification_report(confusion: torch.Tensor, classes: Sequence[str]) -> di
     }
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A figure drawn by matplotlib's object API: no pyplot (a second's import, and a global registry of open
+    figures to close), no display backend; `savefig` renders it with Agg."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, best_epoch: int | None = None) -> None:
@@ -60,15 +59,14 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, 
 def _save(fig, path: Path) -> None:
     with atomic_write(path) as f:  # a killed run never leaves half a PNG
         fig.savefig(f, dpi=110, format="png")
-    _pyplot().close(fig)
 
 
 def curves_figure(rows: list[dict[str, Any]], best_epoch: int | None = None):
     """Loss and accuracy per epoch (numbered from 1; the linear probe is epoch 0), train and validation; each
     phase shaded and named, the kept (best) epoch marked."""
-    plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig = _figure(figsize=(9, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, metric, label in zip(axes, ("loss", "acc"), ("loss", "accuracy")):
         ax.plot(epochs, [r[f"train_{metric}"] for r in rows], marker="o", label="train")
         validated = [r for r in rows if r.get(f"val_{metric}") is not None]  # some epochs skip validation
@@ -104,10 +102,10 @@ def _phases(rows: list[dict[str, Any]]) -> list[tuple[int, int, str, bool]]:
 
 def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], title: str = ""):
     """The confusion matrix (rows true, columns predicted) and, beside it, each class's accuracy (its recall)."""
-    plt = _pyplot()
     n = len(classes)
     size = min(3 + 0.45 * n, 14)
-    fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(size * 1.45, size), gridspec_kw={"width_ratios": [3, 1.2]})
+    fig = _figure(figsize=(size * 1.45, size))
+    ax, ax_acc = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.2]})
     ax.imshow(confusion.numpy(), cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0)
     ax.set_yticks(range(n), classes)
