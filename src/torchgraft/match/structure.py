@@ -455,11 +455,21 @@ def settle_by_flow(source: Sequence[Group], target: Sequence[Group], matches: Se
              for j, g in enumerate(target) if j not in pair and j in region_of_target}
     open_ = {j: c for j, c in open_.items() if c}
     settled: dict[int, int] = {}
+
+    def evidence(neighbours: Iterable[tuple[int, bool]]) -> set[tuple[int, bool]]:
+        """The paired neighbours of one direction. Edges through a meeting of values count only while every
+        module met there is paired: an identity shortcut carries the stem's output through an inserted
+        look-alike's addition into the block after it, just as it carries it through the first block into
+        the second, and only the unpaired look-alike at that meeting tells the two apart."""
+        neighbours = list(neighbours)
+        loose = any(met and x not in pair for x, met in neighbours)
+        return {(pair[x], met) for x, met in neighbours if x in pair and not (met and loose)}
+
     while open_:
         choice: dict[int, int] = {}
         for t, candidates in open_.items():
-            after = {(pair[x], met) for x, met in t_succ.get(t, ()) if x in pair}
-            before = {(pair[x], met) for x, met in t_pred.get(t, ()) if x in pair}
+            after = evidence(t_succ.get(t, ()))
+            before = evidence(t_pred.get(t, ()))
             if not after and not before:
                 continue
             # every paired neighbour must be the candidate's neighbour in the same direction
