@@ -51,10 +51,14 @@ def test_the_budget_pays_for_the_probe_and_validation_and_the_fine_tune_gets_the
     # 1,437 training and 360 validation digits, batch 32: 45 steps an epoch
     r = plan_recipe(config(epochs=3), 1437, 360)
     assert r.probe and r.steps_per_epoch == 45 and r.validate_every == 1
-    # 135 steps + one validation (3.75) - the probe (18.7) - 3 validations (11.25)
-    assert r.total_steps == 108 and r.epochs == 3 and r.steps_in(3) == 18
+    # 135 steps + one validation (3.75) - the probe (18.7) - its flip test (6.0: the held-out fifth, twice)
+    # - 3 validations (11.25)
+    assert r.total_steps == 102 and r.epochs == 3 and r.steps_in(3) == 12
+    assert plan_recipe(config(epochs=3, hflip=False), 1437, 360).total_steps == 108  # flips given: no test
     one = plan_recipe(config(epochs=1), 1437, 360)
-    assert one.total_steps == 26 and one.head_epochs == 0  # --epochs 1 still fine-tunes; no head-only epoch
+    assert one.total_steps == 0 and "20 training steps after the probe" in one.why  # under half an epoch left
+    one = plan_recipe(config(epochs=1), 5000, 360)  # 157 steps an epoch: the probe leaves 80
+    assert one.total_steps == 80 and one.head_epochs == 0  # --epochs 1 still fine-tunes; no head-only epoch
     # 10 images per class: 4 steps an epoch, validating 360 images costs 4: validate every 5th epoch
     few = plan_recipe(config(epochs=10), 100, 360)
     assert few.validate_every == 5 and few.total_steps == 31 and few.validates(5) and not few.validates(4)
@@ -134,10 +138,11 @@ def test_default_recipe_probes_then_fine_tunes_from_the_probed_head(capsys, tmp_
     assert main(finetune(mobilenet_v2_path, digits, out, "--epochs", "3")) == 0
     text = " ".join(capsys.readouterr().out.split())
     rows = rows_of(out)
-    assert [r["phase"] for r in rows] == ["probe", "all", "all", "all"]
-    # 3 epochs of 8 steps and one validation (1.25), less the probe (3.75) and 3 validations: 17 steps
-    assert [r["steps"] for r in rows] == [0, 8, 8, 1]
-    assert "recipe: the budget of 3 epoch(s) (24 steps) leaves 17 steps (2.1 epochs)" in text
+    assert [r["phase"] for r in rows] == ["probe", "all", "all"]
+    # 3 epochs of 8 steps and one validation (1.25), less the probe (3.75), its flip test (1.0) and
+    # 3 validations: 16 steps
+    assert [r["steps"] for r in rows] == [0, 8, 8]
+    assert "recipe: the budget of 3 epoch(s) (24 steps) leaves 16 steps (2.0 epochs)" in text
     kept = re.search(r"kept epoch (\d)( \(the linear probe\))?: the highest val acc, (0\.\d{4})", text)
     assert kept, text
     best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
@@ -276,7 +281,7 @@ def test_two_processes_with_torchrun_match_one(tmp_path, mobilenet_v2_path, digi
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(finetune(mobilenet_v2_path, digits, tmp_path / "one", *slow)) == 0
     ddp, one = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
-    assert [r["epoch"] for r in ddp] == [r["epoch"] for r in one] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in ddp] == [r["epoch"] for r in one] == [0, 1, 2]
     assert proc.stdout.count("run summary") == 1
     assert ddp[0]["val_acc"] == pytest.approx(one[0]["val_acc"], abs=1e-9)  # the same features, the same probe
     assert ddp[0]["val_loss"] == pytest.approx(one[0]["val_loss"], rel=1e-3)
