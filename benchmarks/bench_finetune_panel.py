@@ -5,6 +5,8 @@ Run:  .venv/bin/python benchmarks/bench_finetune_panel.py [--rows NAME,NAME...] 
 
 Every row runs the seeds' loop and then `graft finetune` (defaults, `--image-size 64`), each its own process,
 timed whole (imports included), 2 threads each; one row at a time; results appended to --out as they finish.
+With --repeat N the two alternate N times and each side's median seconds are reported (the accuracies do not
+vary: both are seeded); on a 2-core machine a 20-second run varies by a few seconds from one run to the next.
 
 The seeds' loop (seed 002's recipe): the pretrained model, a new head for the classes, Adam 1e-3 on every
 parameter, batch 32, the images decoded once into in-memory tensors (resized to 64 px, ImageNet-normalised), no
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,42 +166,51 @@ def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess
     return seconds, proc
 
 
-def run_row(row, weights: dict[str, Path], tmp: Path) -> dict:
+def run_row(row, weights: dict[str, Path], tmp: Path, repeat: int = 1) -> dict:
+    """The seeds' loop and graft, alternating `repeat` times (both are seeded, so only the seconds vary); the
+    seconds reported are each side's median."""
     name, kind, per_class, epochs, model, procs = row
     data = write_data(kind, per_class, tmp / name / "data")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", COLUMNS="160")
-    seeds_s, proc = timed([PY, "-c", SEEDS_LOOP, str(data), model, str(weights[model]), str(epochs), "64"], env)
-    seeds_acc = json.loads(proc.stdout.strip().splitlines()[-1])["val_acc"]
-    out = tmp / name / "run"
     spec = "torchvision:mobilenet_v2" if model == "torchvision" else "timm:mobilenetv2_100"
-    args = ["finetune", "--model", spec, "--weights", str(weights["torchvision"]), "--data", str(data),
-            "--out", str(out), "--epochs", str(epochs), "--image-size", "64"]
-    if procs == 1:
-        cmd = [PY, "-m", "torchgraft.cli", *args]
-    else:
-        cmd = [str(Path(PY).parent / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "-m", "torchgraft.cli",
-               *args]
-        env = dict(env, OMP_NUM_THREADS=str(max(1, 2 // procs)))
-    graft_s, proc = timed(cmd, env)
+    seeds_times, graft_times = [], []
+    for i in range(repeat):
+        seeds_s, proc = timed([PY, "-c", SEEDS_LOOP, str(data), model, str(weights[model]), str(epochs), "64"], env)
+        seeds_acc = json.loads(proc.stdout.strip().splitlines()[-1])["val_acc"]
+        out = tmp / name / f"run{i}"
+        args = ["finetune", "--model", spec, "--weights", str(weights["torchvision"]), "--data", str(data),
+                "--out", str(out), "--epochs", str(epochs), "--image-size", "64"]
+        graft_env = env
+        if procs == 1:
+            cmd = [PY, "-m", "torchgraft.cli", *args]
+        else:
+            cmd = [str(Path(PY).parent / "torchrun"), "--standalone", f"--nproc_per_node={procs}", "-m",
+                   "torchgraft.cli", *args]
+            graft_env = dict(env, OMP_NUM_THREADS=str(max(1, 2 // procs)))
+        graft_s, proc = timed(cmd, graft_env)
+        seeds_times.append(seeds_s)
+        graft_times.append(graft_s)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     kept = next(line for line in proc.stdout.splitlines() if line.startswith("kept "))
     recipe = next((line for line in proc.stdout.splitlines() if line.startswith("recipe: ")), "")
     best = max((r for r in rows if r["val_acc"] is not None), key=lambda r: (r["val_acc"], -r["val_loss"]))
     return {"row": name, "data": kind, "per_class": per_class, "epochs": epochs, "model": spec, "processes": procs,
-            "seeds_acc": seeds_acc, "seeds_s": round(seeds_s, 1), "graft_acc": best["val_acc"],
-            "graft_s": round(graft_s, 1), "kept": kept, "recipe": recipe}
+            "seeds_acc": seeds_acc, "seeds_s": round(statistics.median(seeds_times), 1), "graft_acc": best["val_acc"],
+            "graft_s": round(statistics.median(graft_times), 1), "repeat": repeat,
+            "seeds_all_s": [round(t, 1) for t in seeds_times], "graft_all_s": [round(t, 1) for t in graft_times],
+            "kept": kept, "recipe": recipe}
 
 
 def table(path: Path) -> str:
     lines = ["| row | data | train images | epochs | model | processes | seeds' loop | `graft finetune` | "
-             "graft ahead | time ratio |", "|---|---|---|---:|---|---:|---|---|---:|---:|"]
+             "graft ahead | time ratio | runs |", "|---|---|---|---:|---|---:|---|---|---:|---:|---:|"]
     for line in path.read_text().splitlines():
         r = json.loads(line)
         size = "all" if r["per_class"] is None else f"{r['per_class']}/class"
         ahead = 100 * (r["graft_acc"] - r["seeds_acc"])
         lines.append(f"| {r['row']} | {r['data']} | {size} | {r['epochs']} | `{r['model']}` | {r['processes']} | "
                      f"{r['seeds_acc']:.3f}, {r['seeds_s']:.1f} s | {r['graft_acc']:.3f}, {r['graft_s']:.1f} s | "
-                     f"{ahead:+.1f} pt | {r['graft_s'] / r['seeds_s']:.2f} |")
+                     f"{ahead:+.1f} pt | {r['graft_s'] / r['seeds_s']:.2f} | {r.get('repeat', 1)} |")
     return "\n".join(lines)
 
 
@@ -206,6 +218,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(r[0] for r in PANEL))
     parser.add_argument("--out", default="panel.jsonl")
+    parser.add_argument("--repeat", type=int, default=1, help="run each side this many times, alternating; "
+                        "report each side's median seconds")
     parser.add_argument("--table", default=None, metavar="RESULTS", help="print the markdown table of RESULTS")
     args = parser.parse_args()
     if args.table:
@@ -226,7 +240,7 @@ def main() -> None:
                             "timm:mobilenetv2_100", "--out", str(weights["timm"])], check=True, capture_output=True,
                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
         for row in sorted((r for r in PANEL if r[0] in wanted), key=lambda r: wanted.index(r[0])):
-            result = run_row(row, weights, tmp)
+            result = run_row(row, weights, tmp, args.repeat)
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")
             print(f"{result['row']}: seeds {result['seeds_acc']:.3f} in {result['seeds_s']} s; graft "

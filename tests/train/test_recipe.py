@@ -65,6 +65,8 @@ def test_the_budget_pays_for_the_probe_and_validation_and_the_fine_tune_gets_the
     assert few.validates(few.epochs)
     tiny = plan_recipe(config(epochs=1), 100, 360)
     assert tiny.total_steps == 0 and "the probe alone" in tiny.why  # under half an epoch left
+    short = plan_recipe(config(epochs=3), 100, 360)  # 12 steps, 1 validation: 6 steps left, under 20
+    assert short.total_steps == 0 and "under 20: the probe alone" in short.why
 
 
 def test_without_a_probe_the_head_phase_is_a_fraction_of_the_run():
@@ -135,14 +137,14 @@ def test_default_recipe_probes_then_fine_tunes_from_the_probed_head(capsys, tmp_
     """No recipe flags: epoch 0 is the probe, then everything fine-tunes with what the budget leaves; the summary
     says which epoch was kept and why, and the training speed."""
     out = tmp_path / "default"
-    assert main(finetune(mobilenet_v2_path, digits, out, "--epochs", "3")) == 0
+    assert main(finetune(mobilenet_v2_path, digits, out, "--epochs", "5")) == 0
     text = " ".join(capsys.readouterr().out.split())
     rows = rows_of(out)
-    assert [r["phase"] for r in rows] == ["probe", "all", "all"]
-    # 3 epochs of 8 steps and one validation (1.25), less the probe (3.75), its flip test (1.0) and
-    # 3 validations: 16 steps
-    assert [r["steps"] for r in rows] == [0, 8, 8]
-    assert "recipe: the budget of 3 epoch(s) (24 steps) leaves 16 steps (2.0 epochs)" in text
+    assert [r["phase"] for r in rows] == ["probe", "all", "all", "all", "all"]
+    # 5 epochs of 8 steps and one validation (1.25), less the probe (3.75), its flip test (1.0) and
+    # 5 validations: 30 steps
+    assert [r["steps"] for r in rows] == [0, 8, 8, 8, 6]
+    assert "recipe: the budget of 5 epoch(s) (40 steps) leaves 30 steps (3.8 epochs)" in text
     kept = re.search(r"kept epoch (\d)( \(the linear probe\))?: the highest val acc, (0\.\d{4})", text)
     assert kept, text
     best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
@@ -274,14 +276,14 @@ def test_two_processes_with_torchrun_match_one(tmp_path, mobilenet_v2_path, digi
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     # 12 images per class at 32 px: the default backbone rate sends this fine-tune to chance in both runs (the
     # probe is kept), where accuracy says nothing about parity; a slower backbone keeps it learning
-    slow = ("--epochs", "3", "--backbone-lr-mult", "0.02")
+    slow = ("--epochs", "5", "--backbone-lr-mult", "0.02")
     args = finetune(mobilenet_v2_path, digits, tmp_path / "ddp", *slow)
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli", *args],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(finetune(mobilenet_v2_path, digits, tmp_path / "one", *slow)) == 0
     ddp, one = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
-    assert [r["epoch"] for r in ddp] == [r["epoch"] for r in one] == [0, 1, 2]
+    assert [r["epoch"] for r in ddp] == [r["epoch"] for r in one] == [0, 1, 2, 3, 4]
     assert proc.stdout.count("run summary") == 1
     assert ddp[0]["val_acc"] == pytest.approx(one[0]["val_acc"], abs=1e-9)  # the same features, the same probe
     assert ddp[0]["val_loss"] == pytest.approx(one[0]["val_loss"], rel=1e-3)

@@ -26,7 +26,7 @@ sized and normalised from the model's metadata, and every image is checked, deco
 The recipe comes from the data and the budget (--epochs: what a plain loop spends in that many epochs): a linear
 probe first (the frozen backbone's features computed once, a classifier fitted to convergence, its L2 chosen on
 held-out training images), then everything fine-tunes from the probed head with the rest of the budget (LP-FT)
-when at least half an epoch is left. Crops suit the images' native size; flips are decided by the probe.
+when at least half an epoch and 20 steps are left. Crops suit the images' native size; flips are decided by the probe.
 AdamW, warmup in steps and cosine decay, label smoothing; mixed precision and channels_last on CUDA. The kept
 model has the highest validation accuracy, ties broken by the lower validation loss; the summary says which.
 

@@ -64,7 +64,7 @@ class FinetuneConfig:
     linear_probe: bool | None = None
     """Default: a linear probe first (the frozen backbone's features computed once, a classifier fitted to
     convergence by L-BFGS, its L2 strength chosen on a held-out fifth of train), then everything fine-tunes
-    from the probed head with the rest of the budget when at least half an epoch is left (LP-FT).
+    from the probed head with the rest of the budget when at least half an epoch and 20 steps are left (LP-FT).
     `--linear-probe`: the probe alone. `--no-linear-probe`: no probe; the classifier trains on images,
     --head-epochs first, then everything."""
     cache_gb: float = 4.0

@@ -652,7 +652,9 @@ def _kept(rows: list[dict[str, Any]], best: _Best) -> str:
         text += f" (val loss {best.loss:.4f})"
     skipped = [r["epoch"] for r in rows if r["epoch"] >= 1 and r.get("val_acc") is None]
     if skipped:
-        text += f"; epochs {', '.join(map(str, skipped))} were not validated (validation every few epochs)"
+        which = (f"epoch {skipped[0]} was" if len(skipped) == 1 else
+                 f"epochs {', '.join(map(str, skipped))} were")
+        text += f"; {which} not validated (validation every few epochs)"
     return text
 
 
