@@ -46,14 +46,14 @@ def main() -> None:
     weights = find_mobilenet_v2()
     code = graft(["finetune", "--model", "torchvision:mobilenet_v2", "--weights", str(weights),
                   "--data", str(data), "--out", str(run),
-                  "--epochs", "2", "--image-size", "48", "--batch-size", "16", "--workers", "0", "--no-hflip"])
+                  "--epochs", "10", "--image-size", "48", "--batch-size", "16", "--workers", "0", "--no-hflip"])
     assert code == 0, code
 
     for name in ("model.safetensors", "classes.txt", "metrics.jsonl", "config.yaml", "last.ckpt"):
         assert (run / name).is_file(), name
     assert (run / "classes.txt").read_text().split() == ["cat", "dog"]
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert len(epochs) >= 2
+    assert len(epochs) >= 2 and epochs[0]["phase"] == "probe"   # the probe, then a fine-tune from it
     best = max(e["val_acc"] for e in epochs if e["val_acc"] is not None)
     assert best > 0.5, epochs                                              # better than chance on 2 classes
 
