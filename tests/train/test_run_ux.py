@@ -90,10 +90,13 @@ def test_resume_from_another_folder_continues_to_more_epochs(capsys, tmp_path, m
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, mobilenet_v2_path, digits):
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="160", OMP_NUM_THREADS="1")
-    # far more epochs than it will run: the interrupt must land in training, however late the poll sees epoch 2
+    # far more epochs than it will run: the interrupt must land in training, however late the poll sees epoch 2.
+    # SIGINT back to its default in the child: a suite started in the background (`make test &`, nohup) runs
+    # with SIGINT ignored, which children inherit, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, "-m", "torchgraft.cli", *finetune(mobilenet_v2_path, digits, out,
                                                                               "--epochs", "200")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:  # until a checkpoint of epoch 2 is in place
         if (out / "last.ckpt").exists() and len(rows_of(out)) >= 2:
