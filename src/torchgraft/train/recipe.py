@@ -39,12 +39,12 @@ MAX_WARMUP = 100
 #: statistics to absorb the shift. At 0.5 the fine-tune fell to chance on digits (full data with --epochs 1:
 #: 0.206 after its epoch, 0.824 at 0.2; 20 per class: 0.471, 0.944 at 0.2); the guide has the seven rows.
 PROBED_BACKBONE_LR_MULT = 0.2
+TRAINED_BN_BACKBONE_LR_MULT = 0.5
 #: The shortest fine-tune worth its time: on the panel, fine-tunes of 5, 6 and 15 steps after the probe never
 #: beat it (photographs 5 per class, digits 10 and 5 per class), those of 31-37 steps did on photographs
 #: (0.792 -> 0.835), and 60 steps did on digits (20 per class, 0.886 -> 0.944). Below it the probe runs alone and
 #: the rest of the budget is not spent.
 MIN_FINE_TUNE_STEPS = 20
-TRAINED_BN_BACKBONE_LR_MULT = 0.5
 
 
 @dataclass
@@ -76,7 +76,8 @@ class Recipe:
 
 
 def backbone_lr_mult(config: FinetuneConfig) -> float:
-    """--backbone-lr-mult, or the rule: 0.2 after a linear probe (BatchNorm frozen), 0.5 without one."""
+    """--backbone-lr-mult, or the rule: `PROBED_BACKBONE_LR_MULT` after a linear probe (BatchNorm frozen),
+    `TRAINED_BN_BACKBONE_LR_MULT` without one."""
     if config.backbone_lr_mult is not None:
         return config.backbone_lr_mult
     return TRAINED_BN_BACKBONE_LR_MULT if config.linear_probe is False else PROBED_BACKBONE_LR_MULT
