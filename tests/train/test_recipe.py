@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from torchgraft.cli import main
+from torchgraft.errors import GraftError
 from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.data import augment, crops_for, decode_images, find_splits, preprocessing_for
 from torchgraft.train.digits import write_digits
@@ -49,29 +50,47 @@ def config(**kw) -> FinetuneConfig:
 
 def test_the_budget_pays_for_the_probe_and_validation_and_the_fine_tune_gets_the_rest():
     # 1,437 training and 360 validation digits, batch 32: 45 steps an epoch
-    r = plan_recipe(config(epochs=3), 1437, 360)
+    r = plan_recipe(config(epochs=3), 1437, 360, 10, 8)
     assert r.probe and r.steps_per_epoch == 45 and r.validate_every == 1
     # 135 steps + one validation (3.75) - the probe (18.7) - its flip test (6.0: the held-out fifth, twice)
     # - 3 validations (11.25)
     assert r.total_steps == 102 and r.epochs == 3 and r.steps_in(3) == 12
-    assert plan_recipe(config(epochs=3, hflip=False), 1437, 360).total_steps == 108  # flips given: no test
-    one = plan_recipe(config(epochs=1), 1437, 360)
+    assert plan_recipe(config(epochs=3, hflip=False), 1437, 360, 10, 8).total_steps == 108  # flips given: no test
+    one = plan_recipe(config(epochs=1), 1437, 360, 10, 8)
     assert one.total_steps == 0 and "20 training steps after the probe" in one.why  # under half an epoch left
-    one = plan_recipe(config(epochs=1), 5000, 360)  # 157 steps an epoch: the probe leaves 80
+    one = plan_recipe(config(epochs=1), 5000, 360, 10, 8)  # 157 steps an epoch: the probe leaves 80
     assert one.total_steps == 80 and one.head_epochs == 0  # --epochs 1 still fine-tunes; no head-only epoch
     # 10 images per class: 4 steps an epoch, validating 360 images costs 4: validate every 5th epoch
-    few = plan_recipe(config(epochs=10), 100, 360)
+    few = plan_recipe(config(epochs=10), 100, 360, 10, 8)
     assert few.validate_every == 5 and few.total_steps == 31 and few.validates(5) and not few.validates(4)
     assert few.validates(few.epochs)
-    tiny = plan_recipe(config(epochs=1), 100, 360)
+    tiny = plan_recipe(config(epochs=1), 100, 360, 10, 8)
     assert tiny.total_steps == 0 and "the probe alone" in tiny.why  # under half an epoch left
-    short = plan_recipe(config(epochs=3), 100, 360)  # 12 steps, 1 validation: 6 steps left, under 20
+    short = plan_recipe(config(epochs=3), 100, 360, 10, 8)  # 12 steps, 1 validation: 6 steps left, under 20
     assert short.total_steps == 0 and "under 20: the probe alone" in short.why
+
+
+def test_few_images_per_class_give_the_probe_augmented_views_paid_from_the_budget():
+    # 13 classes of 10 photographs, 96 px files: 5 steps an epoch; the probe also sees 4 views of each image
+    photos = plan_recipe(config(epochs=10), 130, 260, 13, 96)
+    assert photos.views == 4 and "4 augmented view(s) of each training image" in photos.why
+    plain = plan_recipe(config(epochs=10), 130, 260, 13, 8)  # 8 px files: crops keep 98%, a view is the image
+    assert plain.views == 0 and "view" not in plain.why
+    # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 37.3 -> 31.9 left
+    assert (plain.total_steps, photos.total_steps) == (37, 31)
+    assert plan_recipe(config(epochs=10), 780, 260, 13, 96).views == 0  # 60 per class: enough already
+    assert plan_recipe(config(epochs=10), 260, 260, 13, 96).views == 2  # 20 per class: at least 50 takes two
+    assert plan_recipe(config(epochs=10, augment=False), 130, 260, 13, 96).views == 0
+    assert plan_recipe(config(epochs=10, linear_probe=False), 130, 260, 13, 96).views == 0  # no probe
+    assert plan_recipe(config(epochs=1, linear_probe=True), 130, 260, 13, 96).views == 1  # a third of the budget
+    # views take at most a third of the budget: 1000 images of 100 classes want 4, but 1 epoch (32 steps and
+    # 2.7 of validation) has room for one view of 10.4 steps
+    assert plan_recipe(config(epochs=1), 1000, 260, 100, 96).views == 1
 
 
 def test_without_a_probe_the_head_phase_is_a_fraction_of_the_run():
     for epochs in (1, 2, 5, 10):
-        r = plan_recipe(config(epochs=epochs, linear_probe=False), 1000, 200)
+        r = plan_recipe(config(epochs=epochs, linear_probe=False), 1000, 200, 10, 8)
         assert r.head_epochs < epochs and r.head_epochs == min(epochs - 1, epochs // 5)
         assert r.total_steps == epochs * r.steps_per_epoch
 
@@ -94,6 +113,21 @@ def test_the_probe_converges_and_picks_its_l2_on_held_out_images():
     loss = torch.nn.functional.cross_entropy(((x - mean) / scale) @ w.T + b, y) + 0.5 * probe.l2 * (w * w).sum()
     loss.backward()
     assert float(w.grad.abs().max()) < 1e-3 and float(b.grad.abs().max()) < 1e-3
+
+
+def test_views_join_the_fit_but_never_the_held_out_images_choice():
+    """Views of the fit part are more rows of the fit; the held-out images are scored as they are, so their own
+    views must stay out of the fit: views identical to the images leave the mean loss, hence the probe, as it is."""
+    torch.manual_seed(0)
+    y = torch.arange(120) % 4
+    x = (torch.randn(4, 32)[y] + torch.randn(120, 32)).relu() * 3
+    alone, twice = fit_probe(x, y, 4), fit_probe(x, y, 4, views=[x.clone(), x.clone()])
+    assert twice.l2 == alone.l2 and twice.held_out_loss == pytest.approx(alone.held_out_loss, rel=1e-3)
+    assert torch.allclose(twice.weight, alone.weight, atol=1e-3)
+    noisy = fit_probe(x, y, 4, views=[x + torch.randn_like(x) * 2])  # different rows: a different fit
+    assert not torch.allclose(noisy.weight, alone.weight, atol=1e-3)
+    with pytest.raises(GraftError, match="NaN or infinite"):
+        fit_probe(x, y, 4, views=[x * float("nan")])
 
 
 def test_crops_scale_with_the_native_size_and_flips_mirror():
@@ -294,3 +328,27 @@ def test_two_processes_with_torchrun_match_one(tmp_path, mobilenet_v2_path, digi
     assert abs(ddp[-1]["val_acc"] - one[-1]["val_acc"]) <= 0.05, (ddp, one)
     state = load_file(tmp_path / "ddp" / "model.safetensors")
     assert not any(k.startswith("module.") for k in state)
+
+
+def test_the_probes_augmented_views_are_the_same_in_two_processes(tmp_path, mobilenet_v2_path):
+    """48 px files, 4 images per class: the probe fits views of each image too; their crops are drawn per image,
+    not per process, so two processes fit the probe one process fits."""
+    data = write_digits(tmp_path / "views", size=48, train_per_class=4, val_per_class=3)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = finetune(mobilenet_v2_path, data, tmp_path / "ddp", "--linear-probe", "--epochs", "3")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(finetune(mobilenet_v2_path, data, tmp_path / "one", "--linear-probe", "--epochs", "3")) == 0
+    (ddp,), (one,) = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
+    # 40 images of 10 classes want 4 views (50 per class); a third of the budget (9 steps and 0.6 of
+    # validation) pays for 3 of 0.83 steps each
+    assert "fitted 3 augmented view(s) of each training image (crops keeping 86%-100%" in one["note"], one
+    assert ddp["note"] == one["note"]
+    assert ddp["val_acc"] == pytest.approx(one["val_acc"], abs=1e-9)
+    assert ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)
+    plain = tmp_path / "plain"  # the same run without augmentation has no views: a different probe
+    assert main(finetune(mobilenet_v2_path, data, plain, "--linear-probe", "--epochs", "3", "--no-augment")) == 0
+    (alone,) = rows_of(plain)
+    assert "view" not in alone["note"] and alone["val_loss"] != pytest.approx(one["val_loss"], rel=1e-3)

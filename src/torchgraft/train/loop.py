@@ -6,7 +6,8 @@
    in-memory uint8 cache, before anything is written), the model with a classifier for the data's classes, the
    pretrained weights through the transfer engine, the recipe for this data and budget (`recipe.plan_recipe`);
 2. probe: the frozen backbone's features of every image, once; a classifier fitted to convergence on them
-   (`probe.fit_probe`), which becomes the model's head; flips are decided here when not given;
+   (`probe.fit_probe`; with few images per class, on augmented views of them too), which becomes the model's
+   head; flips are decided here when not given;
 3. fine-tune: each epoch unfreezes what is due, trains on augmented tensors, validates when due, appends
    metrics.jsonl, writes last.ckpt (atomically) and model.safetensors when validation improved;
 4. save: curves.png, confusion.png; the best model is already on disk.
@@ -279,7 +280,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     train_images = decode_images(splits.train, pre.image_size, budget, config.data)
     used = 0 if train_images.pixels is None else train_images.pixels.numel()
     val_images = decode_images(splits.val, pre.image_size, budget - used, config.data)
-    recipe = plan_recipe(config, len(train_images), len(val_images))
+    recipe = plan_recipe(config, len(train_images), len(val_images), len(classes), train_images.native)
     report = None
     if not resume:
         # the weights only: verifying against a source model (graft transfer's job) would build a second model
@@ -327,11 +328,13 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     if recipe.probe and start_epoch < 0:
         started = time.perf_counter()
         reporter.epoch_start(0, recipe.epochs, 1, "probe")
-        row, confusion, flips = _probe(run, head, train_images, val_images, decide_flip=config.hflip is None
-                                       and config.augment and recipe.total_steps > 0)
+        row, confusion, flips = _probe(run, head, train_images, val_images, recipe.views, config.hflip,
+                                       decide_flip=config.hflip is None and config.augment
+                                       and (recipe.total_steps > 0 or recipe.views > 0))
         hflip = flips if config.hflip is None else hflip
         row["seconds"] = round(time.perf_counter() - started, 3)
-        row["images_per_s"] = round((len(train_images) + len(val_images)) / max(row["seconds"], 1e-9), 1)
+        seen = len(train_images) * (1 + recipe.views) + len(val_images)
+        row["images_per_s"] = round(seen / max(row["seconds"], 1e-9), 1)
         rows.append(row)
         best.update(row, 0)
         if dist_info.main:
@@ -441,20 +444,27 @@ class _Run:
         return index[self.dist_info.rank::self.dist_info.world]
 
     @torch.no_grad()
-    def features(self, head: nn.Module, images: DecodedImages, index: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        """The classifier's inputs for images[index] (eval mode: the pretrained BatchNorm statistics, no dropout,
-        no augmentation), computed across processes. Measured on digits, the data's own statistics (AdaBN)
-        make a worse probe: 0.83 against 0.95 (full data), 0.62 against 0.82 (10 per class)."""
+    def features(self, head: nn.Module, images: DecodedImages, index: torch.Tensor, flip: bool = False,
+                 crops: Crops | None = None, view: int = 0) -> torch.Tensor:
+        """The classifier's inputs for images[index] (eval mode: the pretrained BatchNorm statistics, no dropout),
+        computed across processes: the images as they are, mirrored (`flip`), or their augmented view number
+        `view` (`crops`; drawn per global index, so any number of processes sees the same views). Measured on
+        digits, the data's own statistics (AdaBN) make a worse probe: 0.83 against 0.95 (full data), 0.62
+        against 0.82 (10 per class)."""
         captured: list[torch.Tensor] = []
         handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
         was_training = self.model.training
         self.model.eval()
         local = self._local(index)
         size = max(self.config.batch_size, 64)
+        u = None
+        if crops is not None:
+            seed = self.config.seed * 104_729 + view
+            u = self._local(torch.rand(len(index), 5, generator=torch.Generator().manual_seed(seed)))
         try:
             chunks = [local[i:i + size] for i in range(0, len(local), size)]
-            for pixels in images.batches(chunks, self._workers()):
-                x = self._input(pixels)
+            for i, pixels in enumerate(images.batches(chunks, self._workers())):
+                x = self._input(pixels, None if u is None else u[i * size:(i + 1) * size], crops)
                 with self.autocast():
                     self.model(x.flip(3) if flip else x)
         finally:
@@ -521,18 +531,31 @@ class _Run:
         return loss / max(1, len(images)), confusion
 
 
-def _probe(run: _Run, head_name: str, train: DecodedImages, val: DecodedImages,
+def _probe(run: _Run, head_name: str, train: DecodedImages, val: DecodedImages, views: int, hflip: bool | None,
            decide_flip: bool) -> tuple[dict[str, Any], torch.Tensor, bool | None]:
     """Epoch 0: features of every image through the frozen backbone, a converged classifier fitted on them and
     loaded into the head; validated like any epoch. With `decide_flip`, the fit on the training part also
-    classifies the held-out part mirrored: flips stay on when that keeps 90% of its accuracy above chance."""
+    classifies the held-out part mirrored: flips stay on when that keeps 90% of its accuracy above chance. With
+    `views`, the classifier is fitted again on the training images and that many augmented views of each, with
+    the crops (and the flips, as given or decided) that training would use."""
     head = run.model.get_submodule(head_name)
     if not isinstance(head, nn.Linear):
         raise GraftError(f"the classifier {head_name} is a {type(head).__name__}; the linear probe needs an "
                          "nn.Linear classifier; pass --no-linear-probe to train it on images instead.")
     train_x = run.features(head, train, torch.arange(len(train)))
     val_x = run.features(head, val, torch.arange(len(val)))
-    probe = fit_probe(train_x, train.labels, run.num_classes, run.config.seed)
+    probe = fit_probe(train_x, train.labels, run.num_classes, run.config.seed) if decide_flip or not views else None
+    flips, why = None, []
+    if decide_flip and probe.part is not None:
+        flips, said = _flip_test(run, head, train, probe)
+        why.append(said)
+    if views:
+        decided = hflip if hflip is not None else flips
+        crops = crops_for(train.native, True if decided is None else decided)  # as training would have them
+        every = torch.arange(len(train))
+        extra = [run.features(head, train, every, crops=crops, view=v) for v in range(1, views + 1)]
+        probe = fit_probe(train_x, train.labels, run.num_classes, run.config.seed, views=extra)
+        why.append(f"it also fitted {views} augmented view(s) of each training image ({crops.describe()})")
     _broadcast([probe.weight, probe.bias], run.dist_info)
     with torch.no_grad():
         head.weight.copy_(probe.weight.to(head.weight))
@@ -540,12 +563,8 @@ def _probe(run: _Run, head_name: str, train: DecodedImages, val: DecodedImages,
     val_logits = probe.logits(val_x)
     confusion = confusion_matrix(val.labels, val_logits.argmax(1), run.num_classes)
     train_logits = probe.logits(train_x)
-    note = (f"the probe's L2 {probe.l2:g} was chosen on {probe.held_out} held-out training images"
-            if probe.held_out else f"the probe's L2 {probe.l2:g} (too few images to hold some out)")
-    flips = None
-    if decide_flip and probe.part is not None:
-        flips, why = _flip_test(run, head, train, probe)
-        note += f"; {why}"
+    note = "; ".join([f"the probe's L2 {probe.l2:g} was chosen on {probe.held_out} held-out training images"
+                      if probe.held_out else f"the probe's L2 {probe.l2:g} (too few images to hold some out)", *why])
     row = {"epoch": 0, "phase": "probe", "train_loss": float(F.cross_entropy(train_logits, train.labels)),
            "train_acc": float((train_logits.argmax(1) == train.labels).float().mean()),
            "val_loss": float(F.cross_entropy(val_logits, val.labels)), "val_acc": _accuracy(confusion),

@@ -1,9 +1,11 @@
 """A linear probe trained to convergence: multinomial logistic regression on a frozen backbone's features.
 
-    fit_probe(features, labels, num_classes, seed) -> Probe
+    fit_probe(features, labels, num_classes, seed, views=()) -> Probe
 
 Full-batch L-BFGS on centred features scaled to unit variance overall, an L2 penalty chosen from `L2_GRID` by the cross-entropy on a held-out
-fifth of the training images (stratified), then refitted on all of them. The result is expressed on the raw
+fifth of the training images (stratified), then refitted on all of them. `views` are the features of augmented
+views of the same images (row i of each is image i): they join the fit as more examples of their image's class,
+those of held-out images stay out of it, and the held-out images are scored as they are. The result is expressed on the raw
 features, so it is the model's classifier as it is: `head.weight = probe.weight`, `head.bias = probe.bias`.
 It costs a few seconds at most; what it replaces, epochs of a classifier trained by SGD on cached features, stops
 wherever the step count runs out (few images: a handful of steps).
@@ -11,6 +13,7 @@ wherever the step count runs out (few images: a handful of steps).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,10 +95,18 @@ def _on_raw(w: torch.Tensor, b: torch.Tensor, mean: torch.Tensor, std: torch.Ten
     return raw, b - raw @ mean
 
 
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0) -> Probe:
+def _with_views(features: torch.Tensor, views: Sequence[torch.Tensor], labels: torch.Tensor,
+                index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows `index` of the features and of each view, stacked, with their labels."""
+    return torch.cat([x[index] for x in [features, *views]]), labels[index].repeat(1 + len(views))
+
+
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0,
+              views: Sequence[torch.Tensor] = ()) -> Probe:
     """The converged probe; L2 chosen on a held-out fifth of (features, labels) when every class can spare one."""
     features = features.float()
-    if not torch.isfinite(features).all():
+    views = [v.float() for v in views]
+    if not all(torch.isfinite(x).all() for x in [features, *views]):
         raise GraftError("the backbone's features hold NaN or infinite values, so no classifier can be fitted on "
                          "them; expected finite features. Check the weights (a NaN in them spreads to every "
                          "feature) and --image-size; nothing was trained.")
@@ -104,15 +115,17 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, se
     part = None
     chosen = L2_GRID[len(L2_GRID) // 2]
     if len(held) >= 2 and len(fit) >= 2:
-        mean, std = _standardise(features[fit])
-        xf, xh = (features[fit] - mean) / std, (features[held] - mean) / std
+        xf, yf = _with_views(features, views, labels, fit)
+        mean, std = _standardise(xf)
+        xf, xh = (xf - mean) / std, (features[held] - mean) / std
         start, fits = None, {}
         for l2 in sorted(L2_GRID, reverse=True):  # strongest first, each fit warm-starting the next
-            start = _lbfgs(xf, labels[fit], num_classes, l2, start, iterations=40)  # enough to rank them
+            start = _lbfgs(xf, yf, num_classes, l2, start, iterations=40)  # enough to rank them
             fits[l2] = start
             scores[l2] = float(F.cross_entropy(xh @ start[0].T + start[1], labels[held]))
         chosen = min(scores, key=lambda l2: (scores[l2], -l2))
         part = Probe(*_on_raw(*fits[chosen], mean, std), chosen)
-    mean, std = _standardise(features)
-    w, b = _lbfgs((features - mean) / std, labels, num_classes, chosen)
+    x, y = _with_views(features, views, labels, torch.arange(len(labels)))
+    mean, std = _standardise(x)
+    w, b = _lbfgs((x - mean) / std, y, num_classes, chosen)
     return Probe(*_on_raw(w, b, mean, std), chosen, scores, len(held), part)
