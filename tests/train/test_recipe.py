@@ -126,6 +126,9 @@ def test_views_join_the_fit_but_never_the_held_out_images_choice():
     assert torch.allclose(twice.weight, alone.weight, atol=1e-3)
     noisy = fit_probe(x, y, 4, views=[x + torch.randn_like(x) * 2])  # different rows: a different fit
     assert not torch.allclose(noisy.weight, alone.weight, atol=1e-3)
+    part = fit_probe(x, y, 4, refit=False)  # the fit on the training part alone: what the flip test checks
+    assert part.part is not None and torch.equal(part.weight, part.part.weight) and part.l2 == alone.l2
+    assert torch.allclose(part.weight, alone.part.weight, atol=1e-6)
     with pytest.raises(GraftError, match="NaN or infinite"):
         fit_probe(x, y, 4, views=[x * float("nan")])
 

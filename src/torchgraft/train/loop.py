@@ -544,7 +544,9 @@ def _probe(run: _Run, head_name: str, train: DecodedImages, val: DecodedImages, 
                          "nn.Linear classifier; pass --no-linear-probe to train it on images instead.")
     train_x = run.features(head, train, torch.arange(len(train)))
     val_x = run.features(head, val, torch.arange(len(val)))
-    probe = fit_probe(train_x, train.labels, run.num_classes, run.config.seed) if decide_flip or not views else None
+    probe = None
+    if decide_flip or not views:  # with views coming, the fit on the training part is enough for the flip test
+        probe = fit_probe(train_x, train.labels, run.num_classes, run.config.seed, refit=not views)
     flips, why = None, []
     if decide_flip and probe.part is not None:
         flips, said = _flip_test(run, head, train, probe)
