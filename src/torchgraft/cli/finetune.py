@@ -162,11 +162,14 @@ class _RichReporter:
                           soft_wrap=True)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, phase: str) -> None:
-        title = "epoch 0 [dim](linear probe)[/]" if epoch == 0 else f"epoch {epoch}/{epochs} [dim]({phase})[/]"
-        self.progress = Progress(
-            TextColumn(title), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
+        if epoch == 0:  # no steps to count: features, then a fit (a bar would sit at 0/1 with no loss yet)
+            columns = [TextColumn("epoch 0 [dim](linear probe: the backbone's features, then a fit)[/]"),
+                       TimeElapsedColumn()]
+        else:
+            columns = [TextColumn(f"epoch {epoch}/{epochs} [dim]({phase})[/]"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"), TimeElapsedColumn(),
+                       TextColumn("eta"), TimeRemainingColumn()]
+        self.progress = Progress(*columns, console=console, transient=False)
         self.progress.start()
         self.task = self.progress.add_task("train", total=steps, loss=float("nan"), acc=0.0)
 
