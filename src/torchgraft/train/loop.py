@@ -344,7 +344,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     start_epoch = max(start_epoch, 0)
 
     # -- fine-tune: each epoch unfreezes what is due, trains, validates when due, and saves
-    crops = crops_for(train_images.native, True if hflip is None else hflip)
+    crops = _training_crops(train_images, hflip)
     phases = _Phases(sorted({1} | {e for e, _ in steps if e >= 1}), recipe, config)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if cuda and amp.fast_dtype == torch.float16 else None
@@ -460,7 +460,7 @@ class _Run:
         u = None
         if crops is not None:
             seed = self.config.seed * 104_729 + view
-            u = self._local(torch.rand(len(index), 5, generator=torch.Generator().manual_seed(seed)))
+            u = self._local(_uniforms(len(index), seed))
         try:
             chunks = [local[i:i + size] for i in range(0, len(local), size)]
             for i, pixels in enumerate(images.batches(chunks, self._workers())):
@@ -498,7 +498,7 @@ class _Run:
         pixel_batches = images.batches([self._local(b) for b in global_batches], self._workers())
         for i, (pixels, index) in enumerate(zip(pixel_batches, global_batches)):
             step = (epoch - 1) * recipe.steps_per_epoch + i
-            u = torch.rand(len(index), 5, generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
+            u = _uniforms(len(index), seed * 1_000_003 + step)
             inputs = self._input(pixels, self._local(u), crops)
             labels = images.labels[self._local(index)].to(self.dist_info.device)
             lr = _set_lr(optimizer, lr_factor(i))
@@ -531,6 +531,18 @@ class _Run:
         return loss / max(1, len(images)), confusion
 
 
+def _training_crops(images: DecodedImages, hflip: bool | None) -> Crops:
+    """The crops training uses (and the probe's augmented views): strength from the images' native size, flips
+    on unless given or decided off."""
+    return crops_for(images.native, True if hflip is None else hflip)
+
+
+def _uniforms(n: int, seed: int) -> torch.Tensor:
+    """The five uniform numbers per image `augment` takes, from their own seeded generator: the same in every
+    process and on resume."""
+    return torch.rand(n, 5, generator=torch.Generator().manual_seed(seed))
+
+
 def _probe(run: _Run, head_name: str, train: DecodedImages, val: DecodedImages, views: int, hflip: bool | None,
            decide_flip: bool) -> tuple[dict[str, Any], torch.Tensor, bool | None]:
     """Epoch 0: features of every image through the frozen backbone, a converged classifier fitted on them and
@@ -542,7 +554,8 @@ def _probe(run: _Run, head_name: str, train: DecodedImages, val: DecodedImages, 
     if not isinstance(head, nn.Linear):
         raise GraftError(f"the classifier {head_name} is a {type(head).__name__}; the linear probe needs an "
                          "nn.Linear classifier; pass --no-linear-probe to train it on images instead.")
-    train_x = run.features(head, train, torch.arange(len(train)))
+    every = torch.arange(len(train))
+    train_x = run.features(head, train, every)
     val_x = run.features(head, val, torch.arange(len(val)))
     probe = None
     if decide_flip or not views:  # with views coming, the fit on the training part is enough for the flip test
@@ -552,9 +565,7 @@ def _probe(run: _Run, head_name: str, train: DecodedImages, val: DecodedImages, 
         flips, said = _flip_test(run, head, train, probe)
         why.append(said)
     if views:
-        decided = hflip if hflip is not None else flips
-        crops = crops_for(train.native, True if decided is None else decided)  # as training would have them
-        every = torch.arange(len(train))
+        crops = _training_crops(train, hflip if hflip is not None else flips)
         extra = [run.features(head, train, every, crops=crops, view=v) for v in range(1, views + 1)]
         probe = fit_probe(train_x, train.labels, run.num_classes, run.config.seed, views=extra)
         why.append(f"it also fitted {views} augmented view(s) of each training image ({crops.describe()})")

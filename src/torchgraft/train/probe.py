@@ -105,7 +105,8 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, se
               views: Sequence[torch.Tensor] = (), refit: bool = True) -> Probe:
     """The converged probe; L2 chosen on a held-out fifth of (features, labels) when every class can spare one.
     `refit=False` stops before the fit on all of them: the result is the fit on the training part (`part`),
-    for a check on the held-out part before another fit."""
+    for a check on the held-out part before another fit (with too few images to hold some out, there is no
+    part, and the fit on all of them is the result)."""
     features = features.float()
     views = [v.float() for v in views]
     if not all(torch.isfinite(x).all() for x in [features, *views]):
