@@ -18,7 +18,7 @@ from torchgraft.errors import GraftError
 
 __all__ = ["ImageList", "Preprocessing", "batches", "find_splits", "list_images", "preprocessing_for",
            "build_transforms", "IMAGE_SUFFIXES", "check_splits", "DecodedImages", "decode_images", "Crops",
-           "crops_for", "augment", "normalise"]
+           "crops_for", "augment", "normalise", "pass_size", "CPU_PIXELS_PER_PASS"]
 
 log = logging.getLogger(__name__)
 FEW_IMAGES = 5  # fewer training images than this in a class: a warning
@@ -100,6 +100,24 @@ class ImageList(torch.utils.data.Dataset):
         except (UnidentifiedImageError, OSError) as exc:
             raise GraftError(f"{path}: cannot read the image ({exc}); remove or replace the file.") from None
         return (self.transform(img) if self.transform else img), label
+
+
+#: On the CPU a forward or backward pass over many large images runs out of cache, and costs more per image
+#: than the same images in smaller passes. Measured on this project's 2-core machine, one training step of 32
+#: images (BatchNorm frozen) as one pass and as passes of 8: MobileNetV2 at 224 px 4.2 s -> 0.8 s,
+#: EfficientNet-B0 5.2 -> 1.6 s, ResNet-18 2.0 -> 1.4 s; at 128 px 1.2-3.3x faster in passes of 8-16; at 64 px
+#: the same within 5%. A pass on the CPU holds at most this many pixels per channel (16 images at 128 px, 4 at
+#: 224 px, 32 at 64 px); on CUDA a pass is the whole batch.
+CPU_PIXELS_PER_PASS = 2 ** 18
+
+
+def pass_size(device: torch.device, image_size: int, n: int) -> int:
+    """Images per forward pass over `n` images of `image_size` px on `device` (see `CPU_PIXELS_PER_PASS`):
+    all of them on CUDA; on the CPU the largest power of two within the pixel limit, at least 1, at most `n`."""
+    if device.type != "cpu":
+        return max(1, n)
+    fits = max(1, CPU_PIXELS_PER_PASS // max(1, image_size * image_size))
+    return max(1, min(n, 1 << (fits.bit_length() - 1)))
 
 
 def batches(loader: Iterable):

@@ -14,7 +14,7 @@ from torchgraft.classes import read_class_names
 from torchgraft.errors import GraftError
 from torchgraft.io.read import load
 from torchgraft.specs import parse_kwargs
-from torchgraft.train.data import ImageList, batches, build_transforms, list_images, preprocessing_for
+from torchgraft.train.data import ImageList, batches, build_transforms, list_images, pass_size, preprocessing_for
 from torchgraft.train.metrics import classification_report, confusion_matrix
 
 __all__ = ["evaluate", "predict", "load_finetuned", "images_to_score"]
@@ -125,6 +125,12 @@ def _named(pairs: list[list[str]], classes: list[str], where: Path) -> list[tupl
     return [(p, classes.index(c)) for p, c in pairs]
 
 
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The model's logits for a batch of images on the CPU, in passes that fit its cache (`data.pass_size`)."""
+    size = pass_size(torch.device("cpu"), images.shape[-1], len(images))
+    return torch.cat([model(part) for part in images.split(size)])
+
+
 @torch.no_grad()
 def evaluate(spec: str, model_kwargs: Any, weights: str, data: str | None = None, *,
              classes_file: str | None = None, image_size: int | None = None, batch_size: int = 64) -> dict[str, Any]:
@@ -135,7 +141,7 @@ def evaluate(spec: str, model_kwargs: Any, weights: str, data: str | None = None
     loader = torch.utils.data.DataLoader(ImageList(samples, transform), batch_size=batch_size, num_workers=2)
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.long)
     for images, labels in batches(loader):
-        confusion += confusion_matrix(labels, model(images).argmax(1), len(classes))
+        confusion += confusion_matrix(labels, _logits(model, images).argmax(1), len(classes))
     return {**classification_report(confusion, classes), "scored": scored}
 
 
@@ -151,7 +157,7 @@ def predict(spec: str, model_kwargs: Any, weights: str, images: list[str], *, cl
     out = []
     for start in range(0, len(dataset), batch_size):
         batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))])
-        probs = nn.functional.softmax(model(batch), dim=1)
+        probs = nn.functional.softmax(_logits(model, batch), dim=1)
         values, indices = probs.topk(k, dim=1)
         for row, (v, ix) in enumerate(zip(values, indices)):
             out.append({"image": images[start + row],

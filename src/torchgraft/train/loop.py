@@ -22,6 +22,7 @@ Progress goes to a `Reporter` (the CLI draws bars and tables with it); the libra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,14 +39,14 @@ import torch.nn.functional as F
 import yaml
 
 from torchgraft.errors import GraftError
-from torchgraft.freeze import UnfreezeSchedule, freeze, param_groups
+from torchgraft.freeze import UnfreezeSchedule, freeze, is_held, param_groups
 from torchgraft.io.read import load
 from torchgraft.io.write import atomic_write, save_safetensors
 from torchgraft.specs import build_model
 from torchgraft.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.data import (Crops, DecodedImages, augment, check_splits, crops_for, decode_images,
-                                   find_splits, memory_budget, normalise, preprocessing_for)
+                                   find_splits, memory_budget, normalise, pass_size, preprocessing_for)
 from torchgraft.train.metrics import confusion_matrix, plot_confusion, plot_curves
 from torchgraft.train.probe import Probe, fit_probe, held_out_split
 from torchgraft.train.recipe import Recipe, backbone_lr_mult, plan_recipe, warmup_steps
@@ -456,7 +457,7 @@ class _Run:
         was_training = self.model.training
         self.model.eval()
         local = self._local(index)
-        size = max(self.config.batch_size, 64)
+        size = self._pass(max(self.config.batch_size, 64))
         u = None
         if crops is not None:
             seed = self.config.seed * 104_729 + view
@@ -475,6 +476,10 @@ class _Run:
                              "per process; use fewer processes.")
         mine = torch.cat(captured).flatten(1) if captured else torch.zeros(0, 1)
         return _gather_rows(mine, len(index), self.dist_info)
+
+    def _pass(self, n: int) -> int:
+        """Images per forward pass out of `n` (all on CUDA; on the CPU, `data.pass_size`)."""
+        return pass_size(self.dist_info.device, self.pre.image_size, n)
 
     def _workers(self) -> int:
         return self.config.workers if self.config.workers is not None else (
@@ -495,6 +500,9 @@ class _Run:
         tally = _Tally()
         lr = optimizer.param_groups[0]["lr"]
         module.train()
+        # one pass per step unless no layer depends on the batch (BatchNorm frozen, as after a probe, or none):
+        # then the CPU's passes are smaller, and their gradients add up to the step's
+        passes = size if _batch_dependent(self.model) else self._pass(size)
         pixel_batches = images.batches([self._local(b) for b in global_batches], self._workers())
         for i, (pixels, index) in enumerate(zip(pixel_batches, global_batches)):
             step = (epoch - 1) * recipe.steps_per_epoch + i
@@ -502,11 +510,9 @@ class _Run:
             inputs = self._input(pixels, self._local(u), crops)
             labels = images.labels[self._local(index)].to(self.dist_info.device)
             lr = _set_lr(optimizer, lr_factor(i))
-            with self.autocast():
-                logits = module(inputs)
-                loss = loss_fn(logits.float(), labels)
-            _stop_unless_finite(loss, epoch, i)
-            _backward_and_step(loss, optimizer, scaler)
+            optimizer.zero_grad(set_to_none=True)
+            logits, loss = _gradients(module, loss_fn, scaler, self.autocast, inputs, labels, passes, epoch, i)
+            _step(optimizer, scaler)
             tally.add(loss, logits, labels)
             reporter.step(*tally.means())
         total = tally.over_processes(self.dist_info)
@@ -518,7 +524,7 @@ class _Run:
         Every process validates the whole set on its own copy (the same numbers everywhere, no collectives)."""
         was_training = self.model.training
         self.model.eval()
-        size = max(self.config.batch_size, 64)
+        size = self._pass(max(self.config.batch_size, 64))
         chunks = [torch.arange(i, min(i + size, len(images))) for i in range(0, len(images), size)]
         loss, confusion = 0.0, torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
         for pixels, index in zip(images.batches(chunks, self._workers()), chunks):
@@ -788,17 +794,44 @@ def _stop_unless_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
                          "good checkpoint is kept; lower --lr and resume or start again.")
 
 
-def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                       scaler: torch.amp.GradScaler | None) -> None:
-    """Gradients of the loss, then an optimizer step (through the grad scaler for float16)."""
-    optimizer.zero_grad(set_to_none=True)
+def _gradients(module: nn.Module, loss_fn: nn.Module, scaler: torch.amp.GradScaler | None, autocast: Any,
+               inputs: torch.Tensor, labels: torch.Tensor, passes: int, epoch: int = 0, step: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add to the parameters' gradients those of the mean loss over this process's batch, computed in forward
+    and backward passes of at most `passes` images, each weighted by its share of the batch; under DDP the
+    gradients are averaged over the processes once, with the last pass. Returns the logits and the mean loss."""
+    n = len(labels)
+    parts = [slice(i, i + passes) for i in range(0, n, passes)] or [slice(0, 0)]
+    all_logits, total = [], torch.zeros(())
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        ddp = isinstance(module, nn.parallel.DistributedDataParallel)
+        with module.no_sync() if ddp and not last else contextlib.nullcontext():
+            with autocast():
+                logits = module(inputs[part])
+                loss = loss_fn(logits.float(), labels[part])
+            _stop_unless_finite(loss, epoch, step)
+            share = loss * (len(labels[part]) / n) if len(parts) > 1 else loss
+            (scaler.scale(share) if scaler is not None else share).backward()
+        all_logits.append(logits.detach())
+        total = total + share.detach().float().cpu()
+    return torch.cat(all_logits), total
+
+
+def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """An optimizer step on the gradients (through the grad scaler for float16)."""
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
+
+
+def _batch_dependent(model: nn.Module) -> bool:
+    """Whether a forward pass in training mode mixes the images of a batch: a BatchNorm layer that uses the
+    batch's statistics (training and not held in eval by `freeze`, or without running statistics)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and ((m.training and not is_held(m)) or m.running_mean is None) for m in model.modules())
 
 
 # ---- files -----------------------------------------------------------------------------------------------
