@@ -103,11 +103,12 @@ class ImageList(torch.utils.data.Dataset):
 
 
 #: On the CPU a forward or backward pass over many large images runs out of cache, and costs more per image
-#: than the same images in smaller passes. Measured on this project's 2-core machine, one training step of 32
-#: images (BatchNorm frozen) as one pass and as passes of 8: MobileNetV2 at 224 px 4.2 s -> 0.8 s,
-#: EfficientNet-B0 5.2 -> 1.6 s, ResNet-18 2.0 -> 1.4 s; at 128 px 1.2-3.3x faster in passes of 8-16; at 64 px
-#: the same within 5%. A pass on the CPU holds at most this many pixels per channel (16 images at 128 px, 4 at
-#: 224 px, 32 at 64 px); on CUDA a pass is the whole batch.
+#: than the same images in smaller passes. Measured on this project's 2-core machine
+#: (`benchmarks/bench_cpu_passes.py`), one training step of 32 images (BatchNorm held) as one pass and in this
+#: rule's passes: MobileNetV2 at 224 px 3.8 s -> 0.7 s, EfficientNet-B0 3.9 -> 1.6 s, ResNet-18 1.7 -> 1.2 s;
+#: at 128 px 0.62 -> 0.24, 0.78 -> 0.42 and 0.46 -> 0.45 s; at 64 px the rule keeps one pass. A pass on the CPU
+#: holds at most this many pixels per channel (4 images at 224 px, 16 at 128, 32 at 64), within 20% of the
+#: best of 16, 8 and 4 on every model and size measured; on CUDA a pass is the whole batch.
 CPU_PIXELS_PER_PASS = 2 ** 18
 
 
