@@ -457,7 +457,7 @@ class _Run:
         was_training = self.model.training
         self.model.eval()
         local = self._local(index)
-        size = self._pass(max(self.config.batch_size, 64))
+        size = self._eval_pass()
         u = None
         if crops is not None:
             seed = self.config.seed * 104_729 + view
@@ -480,6 +480,11 @@ class _Run:
     def _pass(self, n: int) -> int:
         """Images per forward pass out of `n` (all on CUDA; on the CPU, `data.pass_size`)."""
         return pass_size(self.dist_info.device, self.pre.image_size, n)
+
+    def _eval_pass(self) -> int:
+        """Images per forward pass without gradients (features, validation): a batch, at least 64, within the
+        CPU's pass."""
+        return self._pass(max(self.config.batch_size, 64))
 
     def _workers(self) -> int:
         return self.config.workers if self.config.workers is not None else (
@@ -524,7 +529,7 @@ class _Run:
         Every process validates the whole set on its own copy (the same numbers everywhere, no collectives)."""
         was_training = self.model.training
         self.model.eval()
-        size = self._pass(max(self.config.batch_size, 64))
+        size = self._eval_pass()
         chunks = [torch.arange(i, min(i + size, len(images))) for i in range(0, len(images), size)]
         loss, confusion = 0.0, torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
         for pixels, index in zip(images.batches(chunks, self._workers()), chunks):
@@ -803,9 +808,9 @@ def _gradients(module: nn.Module, loss_fn: nn.Module, scaler: torch.amp.GradScal
     n = len(labels)
     parts = [slice(i, i + passes) for i in range(0, n, passes)] or [slice(0, 0)]
     all_logits, total = [], torch.zeros(())
+    ddp = isinstance(module, nn.parallel.DistributedDataParallel)
     for k, part in enumerate(parts):
         last = k == len(parts) - 1
-        ddp = isinstance(module, nn.parallel.DistributedDataParallel)
         with module.no_sync() if ddp and not last else contextlib.nullcontext():
             with autocast():
                 logits = module(inputs[part])
