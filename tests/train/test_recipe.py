@@ -76,8 +76,9 @@ def test_few_images_per_class_give_the_probe_augmented_views_paid_from_the_budge
     assert photos.views == 4 and "4 augmented view(s) of each training image" in photos.why
     plain = plan_recipe(config(epochs=10), 130, 260, 13, 8)  # 8 px files: crops keep 98%, a view is the image
     assert plain.views == 0 and "view" not in plain.why
-    # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 37.3 -> 31.9 left
-    assert (plain.total_steps, photos.total_steps) == (37, 31)
+    # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 40.0 -> 34.6 left
+    # after 3 validations (every 3rd epoch of 5 steps, and the last)
+    assert (plain.total_steps, photos.total_steps) == (39, 34)
     assert plan_recipe(config(epochs=10), 780, 260, 13, 96).views == 0  # 60 per class: enough already
     assert plan_recipe(config(epochs=10), 260, 260, 13, 96).views == 2  # 20 per class: at least 50 takes two
     assert plan_recipe(config(epochs=10, augment=False), 130, 260, 13, 96).views == 0
@@ -178,10 +179,10 @@ def test_default_recipe_probes_then_fine_tunes_from_the_probed_head(capsys, tmp_
     text = " ".join(capsys.readouterr().out.split())
     rows = rows_of(out)
     assert [r["phase"] for r in rows] == ["probe", "all", "all", "all", "all"]
-    # 5 epochs of 8 steps and one validation (1.25), less the probe (3.75), its flip test (1.0) and
-    # 5 validations: 30 steps
-    assert [r["steps"] for r in rows] == [0, 8, 8, 8, 6]
-    assert "recipe: the budget of 5 epoch(s) (40 steps) leaves 30 steps (3.8 epochs)" in text
+    # 5 epochs of 8 steps and one validation (1.25), less the probe (3.75), its flip test (1.0) and the
+    # fine-tune's 4 validations: 31 steps (charging 5 validations would leave 30)
+    assert [r["steps"] for r in rows] == [0, 8, 8, 8, 7]
+    assert "recipe: the budget of 5 epoch(s) (40 steps) leaves 31 steps (3.9 epochs)" in text
     kept = re.search(r"kept epoch (\d)( \(the linear probe\))?: the highest val acc, (0\.\d{4})", text)
     assert kept, text
     best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))

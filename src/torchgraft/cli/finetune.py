@@ -115,7 +115,8 @@ def finetune_parser():
     return p
 
 
-_METAVARS = {"model": "SPEC", "weights": "FILE", "data": "DIR", "out": "RUN_DIR", "unfreeze_at": "EPOCH:PATTERN"}
+_METAVARS = {"model": "SPEC", "weights": "FILE", "data": "DIR", "out": "RUN_DIR", "unfreeze_at": "EPOCH:PATTERN",
+             "time_budget": "MINUTES"}
 
 
 def _default(name: str):
@@ -203,6 +204,8 @@ def run_finetune(config=None, resume=None, verbose=False, **options) -> int:
     if resume is not None:
         cfg = _resumed_config(read_config(resume), resume, given)
     else:
+        if "time_budget" in given and "epochs" in given:
+            raise UsageError("--time-budget and --epochs are two budgets for one run; give one of them.")
         cfg = FinetuneConfig(**given)
         out = Path(cfg.out)
         if (out / "last.ckpt").exists():
@@ -233,6 +236,9 @@ def _resumed_config(cfg: FinetuneConfig, resume: str, given: dict) -> FinetuneCo
                          f"cannot change; only {', '.join('--' + k for k in RESUME_OVERRIDES)} can. Start a new run "
                          "with --out for other settings.")
     cfg.out = str(resume)
+    if "epochs" in given and cfg.time_budget is not None:
+        raise UsageError(f"--epochs: {resume} was started with --time-budget {cfg.time_budget:g}, and a resume keeps "
+                         "that run's plan; start a new run with --out to train longer.")
     if "epochs" in given:
         from torchgraft.train.loop import finished_epochs
 

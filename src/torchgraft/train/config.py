@@ -28,6 +28,11 @@ class FinetuneConfig:
     """The budget: what a plain training loop spends in this many epochs (passes of training steps over the
     training images, then one validation). The linear probe and validation are paid from it; the fine-tune gets
     the rest."""
+    time_budget: float | None = None
+    """The budget in minutes of wall time instead of --epochs: graft times a training step on this machine once
+    the images are decoded, and plans the recipe for the steps that fit in the minutes left (the probe,
+    validations and the final files paid from them, as with --epochs). A plan, not a deadline: the run is not cut
+    off if it turns out slower than its measured step."""
     head_epochs: int | None = None
     """Epochs on images that train only the classifier (backbone frozen; see train_bn) before everything
     unfreezes. Default: none after a linear probe (it fitted the classifier already); a fifth of --epochs with
@@ -103,7 +108,12 @@ class FinetuneConfig:
             problems.append(f"missing required {', '.join(missing)}")
         if self.epochs < 1:
             problems.append(f"`--epochs {self.epochs}` must be at least 1")
-        if self.head_epochs is not None and not 0 <= self.head_epochs <= self.epochs:
+        if self.time_budget is not None and not self.time_budget > 0:
+            problems.append(f"`--time-budget {self.time_budget}` must be a positive number of minutes")
+        if self.time_budget is not None and self.unfreeze_at:
+            problems.append("`--unfreeze-at` names epochs, which --time-budget does not know before the run has "
+                            "timed a step; use --epochs with --unfreeze-at")
+        if self.head_epochs is not None and self.time_budget is None and not 0 <= self.head_epochs <= self.epochs:
             problems.append(f"`--head-epochs {self.head_epochs}` must be between 0 and --epochs ({self.epochs})")
         if self.batch_size < 1:
             problems.append(f"`--batch-size {self.batch_size}` must be at least 1")

@@ -214,6 +214,11 @@ def _all_reduce(values: list[float], dist_info: _Dist) -> list[float]:
     return t.tolist()
 
 
+def _every_process(value: float, dist_info: _Dist) -> list[float]:
+    """Each process's `value`, in every process."""
+    return _all_reduce([value if rank == dist_info.rank else 0.0 for rank in range(dist_info.world)], dist_info)
+
+
 # ---- learning rate ---------------------------------------------------------------------------------------
 
 
@@ -257,6 +262,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = False) -> RunResult:
     """Fine-tune `config.model` from `config.weights` on `config.data`; files go to `config.out`."""
+    started = time.monotonic()
     out = Path(config.out)
     dist_info = _setup_processes(config)
     reporter = reporter if (reporter is not None and dist_info.main) else _Silent()
@@ -281,13 +287,25 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     train_images = decode_images(splits.train, pre.image_size, budget, config.data)
     used = 0 if train_images.pixels is None else train_images.pixels.numel()
     val_images = decode_images(splits.val, pre.image_size, budget - used, config.data)
-    recipe = plan_recipe(config, len(train_images), len(val_images), len(classes), train_images.native)
     report = None
     if not resume:
         # the weights only: verifying against a source model (graft transfer's job) would build a second model
         # and run both in every process before the first step
         report = transfer(load(config.weights, key=config.key), model, target_classes=classes, source_model=None)
         reporter.transfer(report)
+    device = dist_info.device
+    cuda = device.type == "cuda"
+    model.to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    amp = _autocast(device)
+    run = _Run(config, dist_info, model, pre, amp, len(classes))
+    budget_steps = None
+    if config.time_budget is not None:
+        budget_steps = (_saved_budget(out) if resume else
+                        _budget_steps(config.time_budget * 60 - (time.monotonic() - started), run, train_images))
+    recipe = plan_recipe(config, len(train_images), len(val_images), len(classes), train_images.native,
+                         budget_steps)
     reporter.recipe(recipe.why)
 
     # -- freezing: the classifier first (or only), then the backbone (or the user's steps)
@@ -315,14 +333,9 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
         start_epoch, best, rows = -1, _Best(), []
         if dist_info.main:
             _start_run_folder(out, config, classes, splits)
+            if budget_steps is not None:
+                _write_text(out / BUDGET_FILE, json.dumps({"minutes": config.time_budget, "steps": budget_steps}))
 
-    device = dist_info.device
-    cuda = device.type == "cuda"
-    model.to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-    amp = _autocast(device)
-    run = _Run(config, dist_info, model, pre, amp, len(classes))
     hflip = config.hflip if config.hflip is not None else _saved_flip(rows)
 
     # -- probe (epoch 0): features once, a converged classifier; the flips decided when not given
@@ -403,6 +416,63 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
              if on_images else None)
     text = recipe.why + "".join(f"; {r['note']}" for r in rows if r["epoch"] == 0 and r.get("note"))
     return RunResult(out, best.acc, best.epoch, rows, classes, report, kept, text, speed)
+
+
+#: Where a --time-budget run keeps its budget in steps, so that a resume plans the same run.
+BUDGET_FILE = "time_budget.json"
+#: Seconds a --time-budget run keeps for what follows its last step: the plots and the last files.
+END_SECONDS = 3.0
+
+
+def _budget_steps(seconds: float, run: _Run, images: DecodedImages) -> float:
+    """--time-budget: the training steps that fit in `seconds` (less `END_SECONDS`), at the seconds one step
+    takes here: a batch of training images, forward and backward in the passes training will use (BatchNorm
+    held in eval all the same, so nothing is learned; the gradients are dropped), the fastest of two timed
+    after one untimed (the first pays one-time allocations); under torchrun, the fewest of every process's."""
+    model, batch = run.model, run.config.batch_size
+    norms = [(m, m.training) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.train()
+    for m, _ in norms:
+        m.eval()
+    for p, _ in grads:
+        p.requires_grad_(True)
+    index = run._local(torch.arange(min(batch, len(images))))
+    pixels = next(iter(images.batches([index], 0)))
+    inputs = run._input(pixels, _uniforms(len(index), 0), _training_crops(images, True))
+    labels = images.labels[index].to(run.dist_info.device)
+    # BatchNorm trains with --no-linear-probe, and a step is then one pass
+    passes = len(index) if run.config.linear_probe is False else run._pass(len(index))
+    times = []
+    cuda = run.dist_info.device.type == "cuda"
+    try:
+        # dropout draws from the global generators: the run finds them as they were
+        with torch.random.fork_rng(devices=[run.dist_info.device] if cuda else []):
+            for _ in range(3):
+                start = time.perf_counter()
+                _gradients(model, nn.CrossEntropyLoss(), None, run.autocast, inputs, labels, passes)
+                if cuda:
+                    torch.cuda.synchronize(run.dist_info.device)
+                times.append(time.perf_counter() - start)
+    finally:
+        for p, requires in grads:
+            p.grad = None
+            p.requires_grad_(requires)
+        for m, training in norms:
+            m.train(training)
+        model.train(was_training)
+    # every process plans the same run: the fewest steps any of them has time for
+    return min(_every_process(max(0.0, seconds - END_SECONDS) / max(min(times[1:]), 1e-9), run.dist_info))
+
+
+def _saved_budget(out: Path) -> float:
+    """The budget in steps a --time-budget run measured when it started (a resume plans the same run)."""
+    path = out / BUDGET_FILE
+    if not path.is_file():
+        raise GraftError(f"{out}: no {BUDGET_FILE}; expected the budget a --time-budget run saves when it starts. "
+                         "Start the run again with --out.")
+    return float(json.loads(path.read_text())["steps"])
 
 
 def _keep_norms_as_probed(model: nn.Module) -> None:

@@ -1,9 +1,11 @@
 """What a run does, derived from the data and the budget before it starts: one rule, written down once.
 
-    plan_recipe(config, n_train, n_val, num_classes, native) -> Recipe
+    plan_recipe(config, n_train, n_val, num_classes, native, budget_steps=None) -> Recipe
 
 The budget is what the seeds' hand-written loop spends for the same `--epochs`: that many passes of training
-steps over the training images, and one pass over the validation images. Everything `graft finetune` does is
+steps over the training images, and one pass over the validation images; with `--time-budget`, the training
+steps that fit in the minutes left, at the seconds a step took on this machine (`budget_steps`, measured by the
+loop before it plans). Everything `graft finetune` does is
 counted in training steps of `batch_size` images (a forward pass without gradients costs about a third of a
 training step, `FORWARD_COST`):
 
@@ -31,7 +33,8 @@ from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.data import crops_for
 from torchgraft.train.probe import HELD_OUT
 
-__all__ = ["Recipe", "plan_recipe", "probe_views", "backbone_lr_mult", "FORWARD_COST", "VALIDATION_SHARE"]
+__all__ = ["Recipe", "plan_recipe", "fine_tune_steps", "probe_views", "backbone_lr_mult", "FORWARD_COST",
+           "VALIDATION_SHARE"]
 
 FORWARD_COST = 1 / 3
 VALIDATION_SHARE = 0.2
@@ -114,15 +117,35 @@ def probe_views(config: FinetuneConfig, n_train: int, num_classes: int, native: 
     return max(0, min(PROBE_VIEWS, wanted, math.floor(PROBE_VIEWS_SHARE * budget / max(cost, 1e-9))))
 
 
-def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: int, native: int) -> Recipe:
+def fine_tune_steps(available: float, per_epoch: int, val_steps: float, every: int) -> tuple[int, int]:
+    """The most training steps, and the validations they bring (after every `every`-th epoch and the last),
+    that fit in `available` steps together: (0, 0) when not even one step does."""
+    for epochs in range(max(1, math.ceil(available / per_epoch)), 0, -1):
+        validations = math.ceil(epochs / every)
+        steps = min(epochs * per_epoch, math.floor(available - validations * val_steps))
+        if steps > (epochs - 1) * per_epoch:
+            return steps, validations
+    return 0, 0
+
+
+def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: int, native: int,
+                budget_steps: float | None = None) -> Recipe:
     """The recipe for `config` on `n_train` training and `n_val` validation images of `num_classes` classes,
-    `native` px in their files (see the module's rule)."""
+    `native` px in their files (see the module's rule); `budget_steps`: the budget of `--time-budget`, in
+    training steps, instead of `--epochs`."""
     batch = config.batch_size
     per_epoch = math.ceil(n_train / batch)
     val_steps = n_val * FORWARD_COST / batch
     every = max(1, math.ceil(val_steps / (VALIDATION_SHARE * per_epoch)))
-    epochs = config.epochs
-    budget = epochs * per_epoch + val_steps  # the seeds' loop: its epochs, then one validation
+    if budget_steps is None:
+        epochs = config.epochs
+        budget = epochs * per_epoch + val_steps  # the seeds' loop: its epochs, then one validation
+        spent = f"the budget of {epochs} epoch(s) ({epochs * per_epoch} steps)"
+    else:
+        budget = budget_steps
+        epochs = max(1, math.ceil(fine_tune_steps(budget, per_epoch, val_steps, every)[0] / per_epoch))
+        spent = (f"the budget of {config.time_budget:g} minute(s) ({math.floor(budget)} steps at the seconds "
+                 "this machine took for one)")
     views = probe_views(config, n_train, num_classes, native, budget) if config.linear_probe is not False else 0
     seen = (f"; the probe also sees {views} augmented view(s) of each training image ({n_train} images of "
             f"{num_classes} classes)" if views else "")
@@ -130,19 +153,21 @@ def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: i
         return Recipe(True, per_epoch, 0, 0, every, views, "--linear-probe: the probe alone" + seen)
     if config.linear_probe is False:
         head = config.head_epochs if config.head_epochs is not None else min(epochs - 1, epochs // 5)
-        return Recipe(False, per_epoch, epochs * per_epoch, head, every, 0,
-                      f"--no-linear-probe: {epochs} epochs on images, the first {head} for the classifier alone")
+        head = min(head, epochs - 1) if budget_steps is not None else head
+        total = epochs * per_epoch if budget_steps is None else max(1, fine_tune_steps(budget, per_epoch,
+                                                                                      val_steps, every)[0])
+        return Recipe(False, per_epoch, total, head, every, 0,
+                      f"--no-linear-probe: {math.ceil(total / per_epoch)} epochs on images ({total} steps), the "
+                      f"first {head} for the classifier alone" + ("" if budget_steps is None else f"; {spent}"))
     probe_steps = (n_train * (1 + views) + n_val) * FORWARD_COST / batch
     if config.hflip is None and config.augment:  # the flip test: the held-out fifth, as it is and mirrored
         probe_steps += 2 * HELD_OUT * n_train * FORWARD_COST / batch
-    validations = math.ceil(epochs / every)
-    left = math.floor(budget - probe_steps - validations * val_steps)
+    left, validations = fine_tune_steps(budget - probe_steps, per_epoch, val_steps, every)
     head = config.head_epochs or 0
     if left < max(MIN_FINE_TUNE_STEPS, per_epoch / 2):
         return Recipe(True, per_epoch, 0, 0, every, views,
-                      f"the budget of {epochs} epoch(s) leaves {max(left, 0)} training steps after the probe, under "
-                      f"half an epoch ({per_epoch} steps) or under {MIN_FINE_TUNE_STEPS}: the probe alone" + seen)
+                      f"{spent} leaves {max(left, 0)} training steps after the probe, under half an epoch "
+                      f"({per_epoch} steps) or under {MIN_FINE_TUNE_STEPS}: the probe alone" + seen)
     return Recipe(True, per_epoch, left, head, every, views,
-                  f"the budget of {epochs} epoch(s) ({epochs * per_epoch} steps) leaves {left} steps "
-                  f"({left / per_epoch:.1f} epochs) after the probe and {validations} validation(s): the probe, "
-                  "then everything fine-tunes from the probed head" + seen)
+                  f"{spent} leaves {left} steps ({left / per_epoch:.1f} epochs) after the probe and "
+                  f"{validations} validation(s): the probe, then everything fine-tunes from the probed head" + seen)
