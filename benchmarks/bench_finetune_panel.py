@@ -1,12 +1,15 @@
 """The fine-tuning panel: `graft finetune` with its defaults against the seeds' 40-line loop, row by row, same run.
 
-Run:  .venv/bin/python benchmarks/bench_finetune_panel.py [--rows NAME,NAME...] [--out results.jsonl]
+Run:  .venv/bin/python benchmarks/bench_finetune_panel.py [--rows NAME,NAME...] [--seeds 3] [--out results.jsonl]
       .venv/bin/python benchmarks/bench_finetune_panel.py --table results.jsonl     # the README's table
 
 Every row runs the seeds' loop and then `graft finetune` (defaults, `--image-size 64`), each its own process,
 timed whole (imports included), 2 threads each; one row at a time; results appended to --out as they finish.
-With --repeat N the two alternate N times and each side's median seconds are reported (the accuracies do not
-vary: both are seeded); on a 2-core machine a 20-second run varies by a few seconds from one run to the next.
+With --seeds N the two alternate N times, run i seeding both sides with i (the seeds' loop's `torch.manual_seed`,
+graft's `--seed`): each side's accuracy is the mean of its N runs (every run's is kept too) and its seconds the
+median. Both sides are seeded, but a seed's accuracy moves from one CPU or install to another by more than most
+rows' margins (a few-shot loop from a random head amplifies float rounding), so one seed is not a measurement;
+and on a 2-core machine a 20-second run varies by a few seconds from one run to the next.
 
 The seeds' loop (seed 002's recipe): the pretrained model, a new head for the classes, Adam 1e-3 on every
 parameter, batch 32, the images decoded once into in-memory tensors (resized to 64 px, ImageNet-normalised), no
@@ -48,9 +51,9 @@ start = time.perf_counter()
 import numpy as np, torch
 from PIL import Image
 from pathlib import Path
-torch.manual_seed(0)
+data, model_spec, weights, epochs, size, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+torch.manual_seed(seed)
 torch.set_num_threads(2)
-data, model_spec, weights, epochs, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 classes = sorted(p.name for p in Path(data, "train").iterdir() if p.is_dir())
 def tensors(split):
     xs, ys = [], []
@@ -166,20 +169,27 @@ def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess
     return seconds, proc
 
 
-def run_row(row, weights: dict[str, Path], tmp: Path, repeat: int = 1) -> dict:
-    """The seeds' loop and graft, alternating `repeat` times (both are seeded, so only the seconds vary); the
-    seconds reported are each side's median."""
+def kept_accuracy(out: Path) -> float:
+    """The validation accuracy of the epoch graft kept: the best accuracy, lower loss breaking ties."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return max((r for r in rows if r["val_acc"] is not None), key=lambda r: (r["val_acc"], -r["val_loss"]))["val_acc"]
+
+
+def run_row(row, weights: dict[str, Path], tmp: Path, seeds: int = 1) -> dict:
+    """The seeds' loop and graft, alternating, seed i for both on run i; each side's mean accuracy and median
+    seconds, and every run's."""
     name, kind, per_class, epochs, model, procs = row
     data = write_data(kind, per_class, tmp / name / "data")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", COLUMNS="160")
     spec = "torchvision:mobilenet_v2" if model == "torchvision" else "timm:mobilenetv2_100"
-    seeds_times, graft_times = [], []
-    for i in range(repeat):
-        seeds_s, proc = timed([PY, "-c", SEEDS_LOOP, str(data), model, str(weights[model]), str(epochs), "64"], env)
-        seeds_acc = json.loads(proc.stdout.strip().splitlines()[-1])["val_acc"]
-        out = tmp / name / f"run{i}"
+    runs = {"seeds_accs": [], "graft_accs": [], "seeds_all_s": [], "graft_all_s": [], "kept": [], "recipe": []}
+    for seed in range(seeds):
+        seeds_s, proc = timed([PY, "-c", SEEDS_LOOP, str(data), model, str(weights[model]), str(epochs), "64",
+                               str(seed)], env)
+        runs["seeds_accs"].append(json.loads(proc.stdout.strip().splitlines()[-1])["val_acc"])
+        out = tmp / name / f"run{seed}"
         args = ["finetune", "--model", spec, "--weights", str(weights["torchvision"]), "--data", str(data),
-                "--out", str(out), "--epochs", str(epochs), "--image-size", "64"]
+                "--out", str(out), "--epochs", str(epochs), "--image-size", "64", "--seed", str(seed)]
         graft_env = env
         if procs == 1:
             cmd = [PY, "-m", "torchgraft.cli", *args]
@@ -188,29 +198,33 @@ def run_row(row, weights: dict[str, Path], tmp: Path, repeat: int = 1) -> dict:
                    "torchgraft.cli", *args]
             graft_env = dict(env, OMP_NUM_THREADS=str(max(1, 2 // procs)))
         graft_s, proc = timed(cmd, graft_env)
-        seeds_times.append(seeds_s)
-        graft_times.append(graft_s)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    kept = next(line for line in proc.stdout.splitlines() if line.startswith("kept "))
-    recipe = next((line for line in proc.stdout.splitlines() if line.startswith("recipe: ")), "")
-    best = max((r for r in rows if r["val_acc"] is not None), key=lambda r: (r["val_acc"], -r["val_loss"]))
+        runs["graft_accs"].append(kept_accuracy(out))
+        runs["seeds_all_s"].append(round(seeds_s, 1))
+        runs["graft_all_s"].append(round(graft_s, 1))
+        runs["kept"].append(next(line for line in proc.stdout.splitlines() if line.startswith("kept ")))
+        runs["recipe"].append(next((line for line in proc.stdout.splitlines() if line.startswith("recipe: ")), ""))
     return {"row": name, "data": kind, "per_class": per_class, "epochs": epochs, "model": spec, "processes": procs,
-            "seeds_acc": seeds_acc, "seeds_s": round(statistics.median(seeds_times), 1), "graft_acc": best["val_acc"],
-            "graft_s": round(statistics.median(graft_times), 1), "repeat": repeat,
-            "seeds_all_s": [round(t, 1) for t in seeds_times], "graft_all_s": [round(t, 1) for t in graft_times],
-            "kept": kept, "recipe": recipe}
+            "seeds_acc": statistics.mean(runs["seeds_accs"]), "seeds_s": statistics.median(runs["seeds_all_s"]),
+            "graft_acc": statistics.mean(runs["graft_accs"]), "graft_s": statistics.median(runs["graft_all_s"]),
+            "seeds": seeds, **runs}
+
+
+def spread(accs: list[float]) -> str:
+    return f"{min(accs):.3f}-{max(accs):.3f}" if len(accs) > 1 else "one seed"
 
 
 def table(path: Path) -> str:
-    lines = ["| row | data | train images | epochs | model | processes | seeds' loop | `graft finetune` | "
-             "graft ahead | time ratio | runs |", "|---|---|---|---:|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| row | data | train images | epochs | model | processes | seeds' loop: mean (range), s | "
+             "`graft finetune`: mean (range), s | graft ahead | time ratio | seeds |",
+             "|---|---|---|---:|---|---:|---|---|---:|---:|---:|"]
     for line in path.read_text().splitlines():
         r = json.loads(line)
         size = "all" if r["per_class"] is None else f"{r['per_class']}/class"
         ahead = 100 * (r["graft_acc"] - r["seeds_acc"])
         lines.append(f"| {r['row']} | {r['data']} | {size} | {r['epochs']} | `{r['model']}` | {r['processes']} | "
-                     f"{r['seeds_acc']:.3f}, {r['seeds_s']:.1f} s | {r['graft_acc']:.3f}, {r['graft_s']:.1f} s | "
-                     f"{ahead:+.1f} pt | {r['graft_s'] / r['seeds_s']:.2f} | {r.get('repeat', 1)} |")
+                     f"{r['seeds_acc']:.3f} ({spread(r['seeds_accs'])}), {r['seeds_s']:.1f} s | "
+                     f"{r['graft_acc']:.3f} ({spread(r['graft_accs'])}), {r['graft_s']:.1f} s | "
+                     f"{ahead:+.1f} pt | {r['graft_s'] / r['seeds_s']:.2f} | {r['seeds']} |")
     return "\n".join(lines)
 
 
@@ -218,8 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(r[0] for r in PANEL))
     parser.add_argument("--out", default="panel.jsonl")
-    parser.add_argument("--repeat", type=int, default=1, help="run each side this many times, alternating; "
-                        "report each side's median seconds")
+    parser.add_argument("--seeds", type=int, default=3, help="run each side with seeds 0..N-1, alternating; "
+                        "report each side's mean accuracy and median seconds")
     parser.add_argument("--table", default=None, metavar="RESULTS", help="print the markdown table of RESULTS")
     args = parser.parse_args()
     if args.table:
@@ -240,11 +254,11 @@ def main() -> None:
                             "timm:mobilenetv2_100", "--out", str(weights["timm"])], check=True, capture_output=True,
                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
         for row in sorted((r for r in PANEL if r[0] in wanted), key=lambda r: wanted.index(r[0])):
-            result = run_row(row, weights, tmp, args.repeat)
+            result = run_row(row, weights, tmp, args.seeds)
             with open(args.out, "a") as f:
                 f.write(json.dumps(result) + "\n")
-            print(f"{result['row']}: seeds {result['seeds_acc']:.3f} in {result['seeds_s']} s; graft "
-                  f"{result['graft_acc']:.3f} in {result['graft_s']} s -- {result['kept']}", flush=True)
+            print(f"{result['row']}: seeds' loop {result['seeds_accs']} in {result['seeds_all_s']} s; graft "
+                  f"{result['graft_accs']} in {result['graft_all_s']} s", flush=True)
 
 
 if __name__ == "__main__":
