@@ -8,23 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
 from torchgraft.cli import main
-from torchgraft.train.digits import write_digits
 
 FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe",
         "--head-epochs", "1"]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("digits"), size=32, train_per_class=12, val_per_class=6)
 
 
 def finetune_args(mobilenet_v2_path, digits, out, *extra) -> list[str]:

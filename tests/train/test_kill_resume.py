@@ -17,16 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchgraft.train.digits import write_digits
 
 FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe",
         "--head-epochs", "1"]
 EPOCHS = 3
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("digits"), size=32, train_per_class=12, val_per_class=6)
 
 
 def graft(*args: str) -> subprocess.Popen:

@@ -27,11 +27,6 @@ from torchgraft.train.recipe import plan_recipe
 SMALL = ["--image-size", "32", "--batch-size", "16", "--workers", "0"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("digits"), size=32, train_per_class=12, val_per_class=6)
-
-
 def finetune(weights, data, out, *extra) -> list[str]:
     return ["finetune", "--model", "torchvision:mobilenet_v2", "--weights", str(weights), "--data", str(data),
             "--out", str(out), *SMALL, *extra]

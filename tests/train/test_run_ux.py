@@ -18,15 +18,9 @@ import torch
 from PIL import Image
 
 from torchgraft.cli import main
-from torchgraft.train.digits import write_digits
 
 FAST = ["--image-size", "32", "--batch-size", "16", "--workers", "0", "--no-hflip", "--no-linear-probe",
         "--head-epochs", "1"]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("digits"), size=32, train_per_class=12, val_per_class=6)
 
 
 def finetune(weights, data, out, *extra) -> list[str]:

@@ -14,7 +14,6 @@ import pytest
 
 from torchgraft.cli import main
 from torchgraft.train.config import FinetuneConfig
-from torchgraft.train.digits import write_digits
 from torchgraft.train.loop import BUDGET_FILE
 from torchgraft.train.recipe import FORWARD_COST, fine_tune_steps, plan_recipe
 
@@ -78,11 +77,6 @@ def test_a_time_budget_is_checked_before_anything_runs():
 
 
 # ---- whole runs ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return write_digits(tmp_path_factory.mktemp("digits"), size=32, train_per_class=12, val_per_class=6)
 
 
 def finetune(weights, data, out, *extra) -> list[str]:
