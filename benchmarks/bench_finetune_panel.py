@@ -51,7 +51,8 @@ start = time.perf_counter()
 import numpy as np, torch
 from PIL import Image
 from pathlib import Path
-data, model_spec, weights, epochs, size, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+data, model_spec, weights = sys.argv[1:4]
+epochs, size, seed = (int(a) for a in sys.argv[4:7])
 torch.manual_seed(seed)
 torch.set_num_threads(2)
 classes = sorted(p.name for p in Path(data, "train").iterdir() if p.is_dir())
@@ -169,10 +170,11 @@ def timed(cmd: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess
     return seconds, proc
 
 
-def kept_accuracy(out: Path) -> float:
-    """The validation accuracy of the epoch graft kept: the best accuracy, lower loss breaking ties."""
+def kept_row(out: Path) -> dict:
+    """The metrics row of the epoch graft kept in run folder `out`: the best validation accuracy, the lower
+    validation loss breaking ties."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return max((r for r in rows if r["val_acc"] is not None), key=lambda r: (r["val_acc"], -r["val_loss"]))["val_acc"]
+    return max((r for r in rows if r["val_acc"] is not None), key=lambda r: (r["val_acc"], -r["val_loss"]))
 
 
 def run_row(row, weights: dict[str, Path], tmp: Path, seeds: int = 1) -> dict:
@@ -198,7 +200,7 @@ def run_row(row, weights: dict[str, Path], tmp: Path, seeds: int = 1) -> dict:
                    "torchgraft.cli", *args]
             graft_env = dict(env, OMP_NUM_THREADS=str(max(1, 2 // procs)))
         graft_s, proc = timed(cmd, graft_env)
-        runs["graft_accs"].append(kept_accuracy(out))
+        runs["graft_accs"].append(kept_row(out)["val_acc"])
         runs["seeds_all_s"].append(round(seeds_s, 1))
         runs["graft_all_s"].append(round(graft_s, 1))
         runs["kept"].append(next(line for line in proc.stdout.splitlines() if line.startswith("kept ")))

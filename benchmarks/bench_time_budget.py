@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,24 +26,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def timed(cmd: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", default="0.5,1,2")
     parser.add_argument("--data", default="digits8,photos")
     args = parser.parse_args()
-    from bench_finetune_panel import write_data
+    from bench_finetune_panel import kept_row, timed, write_data
     from torchgraft.cli.demo import find_mobilenet_v2
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", COLUMNS="160")
-    imports = min(timed([PY, "-c", "import torchgraft.cli, torchgraft.train.loop, torchvision"], env) for _ in range(2))
+    imports = min(timed([PY, "-c", "import torchgraft.cli, torchgraft.train.loop, torchvision"], env)[0]
+                  for _ in range(2))
     print(f"imports: {imports:.1f} s\n")
     print("| data | budget | process wall time | without the imports | of the budget | budget in steps / trained "
           "| kept val acc |")
@@ -56,13 +47,13 @@ def main() -> None:
             data = write_data(kind, None, tmp / kind)
             for minutes in (float(m) for m in args.minutes.split(",")):
                 out = tmp / f"{kind}-{minutes:g}"
-                seconds = timed([PY, "-m", "torchgraft.cli", "finetune", "--model", "torchvision:mobilenet_v2",
-                                 "--weights", str(find_mobilenet_v2()), "--data", str(data), "--out", str(out),
-                                 "--image-size", "64", "--time-budget", f"{minutes:g}"], env)
+                seconds, _ = timed([PY, "-m", "torchgraft.cli", "finetune", "--model", "torchvision:mobilenet_v2",
+                                    "--weights", str(find_mobilenet_v2()), "--data", str(data), "--out", str(out),
+                                    "--image-size", "64", "--time-budget", f"{minutes:g}"], env)
                 rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
                 planned = json.loads((out / "time_budget.json").read_text())["steps"]
                 trained = sum(r["steps"] for r in rows if r["epoch"] >= 1)
-                kept = max((r for r in rows if r["val_acc"] is not None), key=lambda r: (r["val_acc"], -r["val_loss"]))
+                kept = kept_row(out)
                 run = seconds - imports
                 print(f"| {kind} | {minutes:g} min | {seconds:.1f} s | {run:.1f} s | {run / (60 * minutes):.2f} | "
                       f"{planned:.0f} / {trained} | {kept['val_acc']:.3f} (epoch {kept['epoch']}) |", flush=True)

@@ -140,10 +140,12 @@ def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: i
     if budget_steps is None:
         epochs = config.epochs
         budget = epochs * per_epoch + val_steps  # the seeds' loop: its epochs, then one validation
+        on_images = epochs * per_epoch  # without a probe
         spent = f"the budget of {epochs} epoch(s) ({epochs * per_epoch} steps)"
     else:
         budget = budget_steps
-        epochs = max(1, math.ceil(fine_tune_steps(budget, per_epoch, val_steps, every)[0] / per_epoch))
+        on_images = max(1, fine_tune_steps(budget, per_epoch, val_steps, every)[0])  # at least a step
+        epochs = math.ceil(on_images / per_epoch)
         spent = (f"the budget of {config.time_budget:g} minute(s) ({math.floor(budget)} steps at the seconds "
                  "this machine took for one)")
     views = probe_views(config, n_train, num_classes, native, budget) if config.linear_probe is not False else 0
@@ -154,11 +156,9 @@ def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: i
     if config.linear_probe is False:
         head = config.head_epochs if config.head_epochs is not None else min(epochs - 1, epochs // 5)
         head = min(head, epochs - 1) if budget_steps is not None else head
-        total = epochs * per_epoch if budget_steps is None else max(1, fine_tune_steps(budget, per_epoch,
-                                                                                      val_steps, every)[0])
-        return Recipe(False, per_epoch, total, head, every, 0,
-                      f"--no-linear-probe: {math.ceil(total / per_epoch)} epochs on images ({total} steps), the "
-                      f"first {head} for the classifier alone" + ("" if budget_steps is None else f"; {spent}"))
+        return Recipe(False, per_epoch, on_images, head, every, 0,
+                      f"--no-linear-probe: {epochs} epochs on images ({on_images} steps), the first {head} for "
+                      "the classifier alone" + ("" if budget_steps is None else f"; {spent}"))
     probe_steps = (n_train * (1 + views) + n_val) * FORWARD_COST / batch
     if config.hflip is None and config.augment:  # the flip test: the held-out fifth, as it is and mirrored
         probe_steps += 2 * HELD_OUT * n_train * FORWARD_COST / batch
