@@ -4,6 +4,7 @@ evaluate on the run's own validation split; timm heads; two processes like one; 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -22,7 +23,8 @@ from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.data import augment, crops_for, decode_images, find_splits, preprocessing_for
 from torchgraft.train.digits import write_digits
 from torchgraft.train.probe import L2_GRID, fit_probe, held_out_split
-from torchgraft.train.recipe import plan_recipe
+from torchgraft.train.recipe import (DEFAULT_BATCH, MIN_BATCH, MIN_EPOCH_STEPS, batch_size, forward_cost,
+                                     plan_recipe, step_cost)
 
 SMALL = ["--image-size", "32", "--batch-size", "16", "--workers", "0"]
 
@@ -55,21 +57,21 @@ def test_the_budget_pays_for_the_probe_and_validation_and_the_fine_tune_gets_the
     assert one.total_steps == 0 and "20 training steps after the probe" in one.why  # under half an epoch left
     one = plan_recipe(config(epochs=1), 5000, 360, 10, 8)  # 157 steps an epoch: the probe leaves 80
     assert one.total_steps == 80 and one.head_epochs == 0  # --epochs 1 still fine-tunes; no head-only epoch
-    # 10 images per class: 4 steps an epoch, validating 360 images costs 4: validate every 5th epoch
-    few = plan_recipe(config(epochs=10), 100, 360, 10, 8)
+    # 10 images per class in batches of 32: 4 steps an epoch, validating 360 images costs 4: every 5th epoch
+    few = plan_recipe(config(epochs=10, batch_size=32), 100, 360, 10, 8)
     assert few.validate_every == 5 and few.total_steps == 31 and few.validates(5) and not few.validates(4)
     assert few.validates(few.epochs)
-    tiny = plan_recipe(config(epochs=1), 100, 360, 10, 8)
+    tiny = plan_recipe(config(epochs=1, batch_size=32), 100, 360, 10, 8)
     assert tiny.total_steps == 0 and "the probe alone" in tiny.why  # under half an epoch left
-    short = plan_recipe(config(epochs=3), 100, 360, 10, 8)  # 12 steps, 1 validation: 6 steps left, under 20
+    short = plan_recipe(config(epochs=3, batch_size=32), 100, 360, 10, 8)  # 12 steps, 1 validation: 6 left
     assert short.total_steps == 0 and "under 20: the probe alone" in short.why
 
 
 def test_few_images_per_class_give_the_probe_augmented_views_paid_from_the_budget():
-    # 13 classes of 10 photographs, 96 px files: 5 steps an epoch; the probe also sees 4 views of each image
-    photos = plan_recipe(config(epochs=10), 130, 260, 13, 96)
+    # 13 classes of 10 photographs, 96 px files, batches of 32: 5 steps an epoch; the probe also sees 4 views
+    photos = plan_recipe(config(epochs=10, batch_size=32), 130, 260, 13, 96)
     assert photos.views == 4 and "4 augmented view(s) of each training image" in photos.why
-    plain = plan_recipe(config(epochs=10), 130, 260, 13, 8)  # 8 px files: crops keep 98%, a view is the image
+    plain = plan_recipe(config(epochs=10, batch_size=32), 130, 260, 13, 8)  # 8 px files: crops keep 98%, a view is the image
     assert plain.views == 0 and "view" not in plain.why
     # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 40.0 -> 34.6 left
     # after 3 validations (every 3rd epoch of 5 steps, and the last)
@@ -82,6 +84,35 @@ def test_few_images_per_class_give_the_probe_augmented_views_paid_from_the_budge
     # views take at most a third of the budget: 1000 images of 100 classes want 4, but 1 epoch (32 steps and
     # 2.7 of validation) has room for one view of 10.4 steps
     assert plan_recipe(config(epochs=1), 1000, 260, 100, 96).views == 1
+
+
+def test_after_a_probe_a_small_training_set_trains_in_smaller_batches_that_the_budget_pays_for():
+    sizes = [10, 50, 100, 130, 200, 260, 500, 767, 768, 1437, 50_000]
+    batches = [batch_size(config(), n) for n in sizes]
+    assert batches == sorted(batches) and batches[0] == MIN_BATCH and batches[-1] == DEFAULT_BATCH
+    for n, b in zip(sizes, batches):
+        # smaller than 32 only while an epoch of 32 would be under MIN_EPOCH_STEPS steps, never under 8
+        assert MIN_BATCH <= b <= DEFAULT_BATCH and (b == DEFAULT_BATCH) == (n > DEFAULT_BATCH * MIN_EPOCH_STEPS - 32)
+        assert b == MIN_BATCH or math.ceil(n / b) >= MIN_EPOCH_STEPS - 1
+    assert batch_size(config(batch_size=16), 100) == 16  # given: as given
+    assert batch_size(config(linear_probe=False), 100) == DEFAULT_BATCH  # BatchNorm trains: the seeds' batch
+    assert batch_size(config(), 100, world=16) == 16  # an image per process at least
+    for n, epochs in [(50, 10), (100, 3), (100, 10), (130, 10), (200, 10), (500, 5), (260, 1)]:
+        small, as_loop = plan_recipe(config(epochs=epochs), n, 360, 10, 8), plan_recipe(
+            config(epochs=epochs, batch_size=32), n, 360, 10, 8)
+        assert small.batch == batch_size(config(), n) and as_loop.batch == 32
+        assert small.steps_per_epoch == math.ceil(n / small.batch)
+        # what the plan spends (probe, steps, validations) is within the seeds' loop's budget, counted alike
+        budget = epochs * math.ceil(n / 32) + forward_cost(360)
+        probe = forward_cost(n + 360 + 2 * 0.2 * n)
+        validations = math.ceil(small.epochs / small.validate_every) if small.total_steps else 0
+        spent = probe + small.total_steps * step_cost(small.batch) + validations * forward_cost(360)
+        assert spent <= budget + 1e-9
+        # a step of 8 costs more than a quarter of a step of 32: fewer images for the same budget
+        assert small.total_steps * small.batch <= max(as_loop.total_steps * 32, epochs * n)
+        if small.total_steps and small.batch < 32:
+            assert f"in batches of {small.batch} images" in small.why
+    assert step_cost(8) > 8 / 32 and step_cost(32) == 1
 
 
 def test_without_a_probe_the_head_phase_is_a_fraction_of_the_run():
@@ -174,10 +205,11 @@ def test_default_recipe_probes_then_fine_tunes_from_the_probed_head(capsys, tmp_
     text = " ".join(capsys.readouterr().out.split())
     rows = rows_of(out)
     assert [r["phase"] for r in rows] == ["probe", "all", "all", "all", "all"]
-    # 5 epochs of 8 steps and one validation (1.25), less the probe (3.75), its flip test (1.0) and the
-    # fine-tune's 4 validations: 31 steps (charging 5 validations would leave 30)
-    assert [r["steps"] for r in rows] == [0, 8, 8, 8, 7]
-    assert "recipe: the budget of 5 epoch(s) (40 steps) leaves 31 steps (3.9 epochs)" in text
+    # 5 epochs of 8 steps and one validation (1.04 steps of 16 images: a forward image costs a third of an
+    # image's share of a step of 32, and a step of 16 0.6 of one), less the probe (3.12), its flip test (0.83)
+    # and the fine-tune's 4 validations: 32 steps (charging 5 validations would leave 31)
+    assert [r["steps"] for r in rows] == [0, 8, 8, 8, 8]
+    assert "recipe: the budget of 5 epoch(s) (40 steps of 16 images) leaves 32 steps (4.0 epochs)" in text
     kept = re.search(r"kept epoch (\d)( \(the linear probe\))?: the highest val acc, (0\.\d{4})", text)
     assert kept, text
     best = max(rows, key=lambda r: (r["val_acc"], -r["val_loss"]))
@@ -193,6 +225,22 @@ def test_default_recipe_probes_then_fine_tunes_from_the_probed_head(capsys, tmp_
         assert not torch.equal(state["features.0.0.weight"], source["features.0.0.weight"])
     assert torch.equal(state["features.5.conv.1.1.running_mean"], source["features.5.conv.1.1.running_mean"])
     assert torch.equal(state["features.5.conv.1.1.weight"], source["features.5.conv.1.1.weight"])
+
+
+def test_without_batch_size_a_small_folder_trains_in_the_rules_batch(capsys, tmp_path, mobilenet_v2_path, digits):
+    """120 training digits and no --batch-size: batches of 8 (15 steps an epoch) after the probe, each step of 8
+    images, the steps within the budget of 5 epochs of 32 (4 steps each) as the rule counts it."""
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "torchvision:mobilenet_v2", "--weights", str(mobilenet_v2_path), "--data",
+            str(digits), "--out", str(out), "--image-size", "32", "--workers", "0", "--epochs", "5"]
+    assert main(args) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    plan = plan_recipe(config(epochs=5), 120, 60, 10, 32)
+    assert plan.batch == 8 and plan.steps_per_epoch == 15 and plan.total_steps > 0
+    assert f"leaves {plan.total_steps} steps in batches of 8 images (an epoch of 15 steps: 120 training" in text
+    rows = rows_of(out)
+    assert sum(r["steps"] for r in rows) == plan.total_steps and max(r["steps"] for r in rows) == 15
+    assert yaml.safe_load((out / "config.yaml").read_text())["batch_size"] is None  # a resume applies the rule again
 
 
 def test_ties_in_accuracy_are_broken_by_validation_loss(tmp_path, mobilenet_v2_path):
@@ -345,9 +393,9 @@ def test_the_probes_augmented_views_are_the_same_in_two_processes(tmp_path, mobi
                            timeout=600)
     assert alone.returncode == 0, alone.stderr[-3000:]
     (ddp,), (one,) = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
-    # 40 images of 10 classes want 4 views (50 per class); a third of the budget (9 steps and 0.6 of
-    # validation) pays for 3 of 0.83 steps each
-    assert "fitted 3 augmented view(s) of each training image (crops keeping 86%-100%" in one["note"], one
+    # 40 images of 10 classes want 4 views (50 per class); a third of the budget (9 steps of 16 images, worth
+    # 5.4 of 32, and 0.3 of validation) pays for 4 of 0.42 each
+    assert "fitted 4 augmented view(s) of each training image (crops keeping 86%-100%" in one["note"], one
     assert ddp["note"] == one["note"]
     assert ddp["val_acc"] == pytest.approx(one["val_acc"], abs=1e-9)
     assert ddp["val_loss"] == pytest.approx(one["val_loss"], rel=1e-3)

@@ -37,8 +37,10 @@ class FinetuneConfig:
     """Epochs on images that train only the classifier (backbone frozen; see train_bn) before everything
     unfreezes. Default: none after a linear probe (it fitted the classifier already); a fifth of --epochs with
     --no-linear-probe."""
-    batch_size: int = 32
-    """Images per step over all processes (the global batch): under torchrun each of N processes takes 1/N."""
+    batch_size: int | None = None
+    """Images per step over all processes (the global batch): under torchrun each of N processes takes 1/N.
+    Default: 32, or after a linear probe on a small training set the batch that gives an epoch 24 steps, at
+    least 8 (the recipe's rule, `recipe.batch_size`)."""
     lr: float = 1e-3
     """AdamW learning rate of the classifier; the backbone gets lr * backbone_lr_mult once unfrozen."""
     backbone_lr_mult: float | None = None
@@ -115,7 +117,7 @@ class FinetuneConfig:
                             "timed a step; use --epochs with --unfreeze-at")
         if self.head_epochs is not None and self.time_budget is None and not 0 <= self.head_epochs <= self.epochs:
             problems.append(f"`--head-epochs {self.head_epochs}` must be between 0 and --epochs ({self.epochs})")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             problems.append(f"`--batch-size {self.batch_size}` must be at least 1")
         if not self.lr > 0:
             problems.append(f"`--lr {self.lr}` must be positive")

@@ -49,7 +49,7 @@ from torchgraft.train.data import (Crops, DecodedImages, augment, check_splits, 
                                    find_splits, memory_budget, normalise, pass_size, preprocessing_for)
 from torchgraft.train.metrics import confusion_matrix, plot_confusion, plot_curves
 from torchgraft.train.probe import Probe, fit_probe, held_out_split
-from torchgraft.train.recipe import Recipe, backbone_lr_mult, plan_recipe, warmup_steps
+from torchgraft.train.recipe import Recipe, backbone_lr_mult, batch_size, plan_recipe, warmup_steps
 from torchgraft.transfer import Report, transfer
 
 __all__ = ["finetune", "Reporter", "RunResult", "build_classifier_model", "find_head", "finished_epochs",
@@ -266,7 +266,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     out = Path(config.out)
     dist_info = _setup_processes(config)
     reporter = reporter if (reporter is not None and dist_info.main) else _Silent()
-    if config.batch_size < dist_info.world:
+    if config.batch_size is not None and config.batch_size < dist_info.world:
         raise GraftError(f"--batch-size {config.batch_size} is the global batch, split over {dist_info.world} "
                          f"processes; expected at least {dist_info.world}.")
     torch.manual_seed(config.seed + dist_info.rank)
@@ -299,13 +299,14 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
     if cuda:
         model.to(memory_format=torch.channels_last)
     amp = _autocast(device)
-    run = _Run(config, dist_info, model, pre, amp, len(classes))
+    run = _Run(config, dist_info, model, pre, amp, len(classes),
+               batch_size(config, len(train_images), dist_info.world))
     budget_steps = None
     if config.time_budget is not None:
         budget_steps = (_saved_budget(out) if resume else
                         _budget_steps(config.time_budget * 60 - (time.monotonic() - started), run, train_images))
     recipe = plan_recipe(config, len(train_images), len(val_images), len(classes), train_images.native,
-                         budget_steps)
+                         budget_steps, dist_info.world)
     reporter.recipe(recipe.why)
 
     # -- freezing: the classifier first (or only), then the backbone (or the user's steps)
@@ -429,7 +430,7 @@ def _budget_steps(seconds: float, run: _Run, images: DecodedImages) -> float:
     takes here: a batch of training images, forward and backward in the passes training will use (BatchNorm
     held in eval all the same, so nothing is learned; the gradients are dropped), the fastest of two timed
     after one untimed (the first pays one-time allocations); under torchrun, the fewest of every process's."""
-    model, batch = run.model, run.config.batch_size
+    model, batch = run.model, run.batch
     norms = [(m, m.training) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
@@ -503,6 +504,8 @@ class _Run:
     pre: Any
     autocast: Callable[[], Any]
     num_classes: int
+    batch: int
+    """Images per training step over all processes (`recipe.batch_size`)."""
 
     def _input(self, pixels: torch.Tensor, u: torch.Tensor | None = None, crops: Crops | None = None) -> torch.Tensor:
         x = pixels.to(self.dist_info.device, non_blocking=True)
@@ -554,7 +557,7 @@ class _Run:
     def _eval_pass(self) -> int:
         """Images per forward pass without gradients (features, validation): a batch, at least 64, within the
         CPU's pass."""
-        return self._pass(max(self.config.batch_size, 64))
+        return self._pass(max(self.batch, 64))
 
     def _workers(self) -> int:
         return self.config.workers if self.config.workers is not None else (
@@ -568,7 +571,7 @@ class _Run:
         resume), each process taking its share; each step sets the learning rate, runs forward, checks the loss,
         steps the optimizer. Returns the mean loss and accuracy over every process, the last learning rate and
         the images seen."""
-        seed, size = self.config.seed, self.config.batch_size
+        seed, size = self.config.seed, self.batch
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         steps = recipe.steps_in(epoch)
         global_batches = [order[i * size:(i + 1) * size] for i in range(steps)]
