@@ -63,6 +63,11 @@ def test_the_budget_pays_for_the_probe_and_validation_and_the_fine_tune_gets_the
     assert few.validates(few.epochs)
     tiny = plan_recipe(config(epochs=1, batch_size=32), 100, 360, 10, 8)
     assert tiny.total_steps == 0 and "the probe alone" in tiny.why  # under half an epoch left
+    # under 10 training images per class (on average): the probe alone, whatever the budget
+    for epochs in (10, 100):
+        five = plan_recipe(config(epochs=epochs), 50, 360, 10, 8)
+        assert five.total_steps == 0 and "50 training images of 10 classes, under 10 per class" in five.why
+    assert plan_recipe(config(epochs=10), 100, 360, 10, 8).total_steps > 0  # 10 per class: a fine-tune
     short = plan_recipe(config(epochs=3, batch_size=32), 100, 360, 10, 8)  # 12 steps, 1 validation: 6 left
     assert short.total_steps == 0 and "under 20: the probe alone" in short.why
 
@@ -87,12 +92,12 @@ def test_few_images_per_class_give_the_probe_augmented_views_paid_from_the_budge
 
 
 def test_after_a_probe_a_small_training_set_trains_in_smaller_batches_that_the_budget_pays_for():
-    sizes = [10, 50, 100, 130, 200, 260, 500, 767, 768, 1437, 50_000]
+    sizes = [10, 50, 100, 130, 200, 260, 500, 744, 745, 1437, 50_000]
     batches = [batch_size(config(), n) for n in sizes]
     assert batches == sorted(batches) and batches[0] == MIN_BATCH and batches[-1] == DEFAULT_BATCH
     for n, b in zip(sizes, batches):
         # smaller than 32 only while an epoch of 32 would be under MIN_EPOCH_STEPS steps, never under 8
-        assert MIN_BATCH <= b <= DEFAULT_BATCH and (b == DEFAULT_BATCH) == (n > DEFAULT_BATCH * MIN_EPOCH_STEPS - 32)
+        assert MIN_BATCH <= b <= DEFAULT_BATCH and (b == DEFAULT_BATCH) == (n > (DEFAULT_BATCH - 1) * MIN_EPOCH_STEPS)
         assert b == MIN_BATCH or math.ceil(n / b) >= MIN_EPOCH_STEPS - 1
     assert batch_size(config(batch_size=16), 100) == 16  # given: as given
     assert batch_size(config(linear_probe=False), 100) == DEFAULT_BATCH  # BatchNorm trains: the seeds' batch
