@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from torchgraft.cli import main
 from torchgraft.errors import GraftError
+from torchgraft.train.checkpoint import load_checkpoint, save_checkpoint
 from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.data import augment, crops_for, decode_images, find_splits, preprocessing_for
 from torchgraft.train.digits import write_digits
@@ -96,12 +97,13 @@ def test_after_a_probe_a_small_training_set_trains_in_smaller_batches_that_the_b
     batches = [batch_size(config(), n) for n in sizes]
     assert batches == sorted(batches) and batches[0] == MIN_BATCH and batches[-1] == DEFAULT_BATCH
     for n, b in zip(sizes, batches):
-        # smaller than 32 only while an epoch of 32 would be under MIN_EPOCH_STEPS steps, never under 8
+        # smaller than 32 only while 31 images a step would give an epoch of MIN_EPOCH_STEPS steps, never under 8
         assert MIN_BATCH <= b <= DEFAULT_BATCH and (b == DEFAULT_BATCH) == (n > (DEFAULT_BATCH - 1) * MIN_EPOCH_STEPS)
         assert b == MIN_BATCH or math.ceil(n / b) >= MIN_EPOCH_STEPS - 1
     assert batch_size(config(batch_size=16), 100) == 16  # given: as given
     assert batch_size(config(linear_probe=False), 100) == DEFAULT_BATCH  # BatchNorm trains: the seeds' batch
     assert batch_size(config(), 100, world=16) == 16  # an image per process at least
+    assert [batch_size(config(), 260, world=w) for w in (1, 2, 4)] == [11, 12, 12]  # equal shares per process
     for n, epochs in [(50, 10), (100, 3), (100, 10), (130, 10), (200, 10), (500, 5), (260, 1)]:
         small, as_loop = plan_recipe(config(epochs=epochs), n, 360, 10, 8), plan_recipe(
             config(epochs=epochs, batch_size=32), n, 360, 10, 8)
@@ -114,7 +116,9 @@ def test_after_a_probe_a_small_training_set_trains_in_smaller_batches_that_the_b
         spent = probe + small.total_steps * step_cost(small.batch) + validations * forward_cost(360)
         assert spent <= budget + 1e-9
         # a step of 8 costs more than a quarter of a step of 32: fewer images for the same budget
-        assert small.total_steps * small.batch <= max(as_loop.total_steps * 32, epochs * n)
+        if as_loop.total_steps:
+            assert small.total_steps * small.batch <= as_loop.total_steps * 32
+        assert small.total_steps * small.batch <= epochs * n
         if small.total_steps and small.batch < 32:
             assert f"in batches of {small.batch} images" in small.why
     assert step_cost(8) > 8 / 32 and step_cost(32) == 1
@@ -246,6 +250,16 @@ def test_without_batch_size_a_small_folder_trains_in_the_rules_batch(capsys, tmp
     rows = rows_of(out)
     assert sum(r["steps"] for r in rows) == plan.total_steps and max(r["steps"] for r in rows) == 15
     assert yaml.safe_load((out / "config.yaml").read_text())["batch_size"] is None  # a resume applies the rule again
+    # a resume whose rule would give another batch (another number of processes) is refused, nothing written
+    state = load_checkpoint(out / "last.ckpt")
+    assert state["batch"] == 8
+    state["batch"] = 16
+    save_checkpoint(state, out / "last.ckpt")
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["finetune", "--resume", str(out), "--epochs", "6"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "trained in batches of 16 images" in err and "Traceback" not in err
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 def test_ties_in_accuracy_are_broken_by_validation_loss(tmp_path, mobilenet_v2_path):

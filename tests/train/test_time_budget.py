@@ -42,7 +42,8 @@ def test_the_fine_tune_takes_the_most_steps_whose_validations_still_fit(per_epoc
 
 def test_validations_are_charged_for_the_fine_tunes_epochs_not_for_every_epochs_epoch():
     # 100 training images in batches of 32 (4 steps an epoch), 40 to validate (0.42 steps each time): the probe
-    # takes 1.46 steps, so the fine-tune has 9 epochs, not 10, and pays 9 validations, not 10 (34 steps left then)
+    # takes 1.46 steps, so the fine-tune has 9 epochs, not 10, and pays 9 validations, not 10 (35 steps left;
+    # 34 charging 10)
     r = plan_recipe(config(epochs=10, hflip=False, batch_size=32), 100, 40, 10, 8)
     probe, val = (100 + 40) * FORWARD_COST / 32, 40 * FORWARD_COST / 32
     assert r.validate_every == 1

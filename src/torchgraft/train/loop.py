@@ -326,7 +326,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
 
     # -- the run folder: continue the saved run, or start a new one
     if resume:
-        optimizer, start_epoch, best, rows = _restore(out, config, model, schedule, new_optimizer)
+        optimizer, start_epoch, best, rows = _restore(out, config, model, schedule, new_optimizer, run.batch)
         if dist_info.main:  # a resume may run longer (`--epochs`): the next resume continues from here
             _write_text(out / "config.yaml", _config_text(config))
         reporter.resumed(start_epoch, recipe.epochs)
@@ -353,7 +353,8 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
         rows.append(row)
         best.update(row, 0)
         if dist_info.main:
-            _save_epoch(out, config, model, optimizer, schedule, row, confusion, best, checkpoint=True)
+            _save_epoch(out, config, model, optimizer, schedule, row, confusion, best, checkpoint=True,
+                        batch=run.batch)
         reporter.epoch_end(row)
         start_epoch = 0
     start_epoch = max(start_epoch, 0)
@@ -394,7 +395,7 @@ def finetune(config: FinetuneConfig, reporter: Any = None, *, resume: bool = Fal
         checkpoint = (confusion is not None or number == recipe.epochs
                       or time.monotonic() - saved_at >= config.checkpoint_every)
         if dist_info.main:
-            _save_epoch(out, config, model, optimizer, schedule, row, confusion, best, checkpoint)
+            _save_epoch(out, config, model, optimizer, schedule, row, confusion, best, checkpoint, batch=run.batch)
         if checkpoint:
             saved_at = time.monotonic()
         reporter.epoch_end(row)
@@ -720,11 +721,16 @@ def finished_epochs(out: str | Path) -> int:
 
 
 def _restore(out: Path, config: FinetuneConfig, model: nn.Module, schedule: UnfreezeSchedule,
-             new_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+             new_optimizer: Callable[[nn.Module], torch.optim.Optimizer], batch: int
              ) -> tuple[torch.optim.Optimizer, int, _Best, list[dict[str, Any]]]:
     """The run as last.ckpt saved it: model, unfreezing schedule, optimizer, random states; then the number of
-    finished epochs (the index to start from), the best so far and the finished epochs' metrics."""
+    finished epochs (the index to start from), the best so far and the finished epochs' metrics. The batch the
+    rule gives now (`batch`) must be the one the run trained in: its steps and schedule are counted in it."""
     state = load_checkpoint(out / "last.ckpt")
+    if state.get("batch", batch) != batch:
+        raise GraftError(f"{out} trained in batches of {state['batch']} images, and the batch rule gives {batch} "
+                         "for this resume (another number of processes); expected the same batch. Resume with "
+                         "the number of processes the run started with.")
     model.load_state_dict(state["model"])
     schedule.load_state_dict(state["schedule"])
     optimizer = schedule.restore(model, new_optimizer)
@@ -776,7 +782,7 @@ def _kept(rows: list[dict[str, Any]], best: _Best) -> str:
 
 def _save_epoch(out: Path, config: FinetuneConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                 schedule: UnfreezeSchedule, row: dict[str, Any], confusion: torch.Tensor | None, best: _Best,
-                checkpoint: bool) -> None:
+                checkpoint: bool, batch: int) -> None:
     """After each epoch: the model and its confusion matrix when this epoch is the best, the metrics row, then
     last.ckpt when `checkpoint`. Each file is written atomically; a resume drops rows written after the last
     checkpoint."""
@@ -791,7 +797,7 @@ def _save_epoch(out: Path, config: FinetuneConfig, model: nn.Module, optimizer: 
     save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "epoch": epoch, "best_acc": best.acc,
                      "best_loss": best.loss, "best_epoch": best.epoch, "rng": rng_state(), "config": config.to_dict(),
-                     "param_groups": [g.get("name", "") for g in optimizer.param_groups]},
+                     "param_groups": [g.get("name", "") for g in optimizer.param_groups], "batch": batch},
                     out / "last.ckpt")
 
 

@@ -128,12 +128,14 @@ def backbone_lr_mult(config: FinetuneConfig) -> float:
 
 def batch_size(config: FinetuneConfig, n_train: int, world: int = 1) -> int:
     """--batch-size, or the rule (see `MIN_EPOCH_STEPS`): `DEFAULT_BATCH`, or after a probe on few images the
-    batch that gives an epoch `MIN_EPOCH_STEPS` steps, at least `MIN_BATCH`; at least an image per process."""
+    batch that gives an epoch `MIN_EPOCH_STEPS` steps, at least `MIN_BATCH`; rounded up to a multiple of the
+    `world` processes, so that every process takes an equal share of each step."""
     if config.batch_size is not None:
         return config.batch_size
     if config.linear_probe is False:  # BatchNorm trains on batch statistics: the seeds' batch
         return max(DEFAULT_BATCH, world)
-    return max(world, MIN_BATCH, min(DEFAULT_BATCH, math.ceil(n_train / MIN_EPOCH_STEPS)))
+    batch = max(MIN_BATCH, min(DEFAULT_BATCH, math.ceil(n_train / MIN_EPOCH_STEPS)))
+    return math.ceil(batch / world) * world
 
 
 def step_cost(batch: int) -> float:
