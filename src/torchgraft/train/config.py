@@ -40,7 +40,7 @@ class FinetuneConfig:
     batch_size: int | None = None
     """Images per step over all processes (the global batch): under torchrun each of N processes takes 1/N.
     Default: 32, or after a linear probe on a small training set the batch that gives an epoch 24 steps, at
-    least 8 (the recipe's rule, `recipe.batch_size`)."""
+    least 8 and a multiple of the processes (the recipe's rule, `recipe.batch_size`)."""
     lr: float = 1e-3
     """AdamW learning rate of the classifier; the backbone gets lr * backbone_lr_mult once unfrozen."""
     backbone_lr_mult: float | None = None

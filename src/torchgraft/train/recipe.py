@@ -49,10 +49,10 @@ FORWARD_COST = 1 / 3
 STEP_OVERHEAD = 8
 DEFAULT_BATCH = 32
 #: The default batch after a probe: at most `DEFAULT_BATCH`, at least `MIN_BATCH`, else as many images as give
-#: an epoch `MIN_EPOCH_STEPS` steps. Measured on the panel (graft's kept model, mean of two or three seeds,
-#: --epochs 10, the smaller batches paid for their cost per image): 20 digits per class 0.916 at 32 ->
-#: 0.969 at 8; 10 per class 0.826 -> 0.891; 10 per class at 64 px 0.820 -> 0.857; photographs 10 per class
-#: 0.856 either way. Full data (780 and more images) keeps 32.
+#: an epoch `MIN_EPOCH_STEPS` steps. Measured on the panel's data (graft's kept model, --epochs 10, seeds 0-2;
+#: 0-1 for batches of 32 on the last two) against batches of 32: 20 digits per class 0.925 -> 0.954, 10 per class
+#: 0.826 -> 0.878, 10 per class at 64 px 0.820 -> 0.846, photographs 10 per class 0.856 either way. From 745
+#: training images the batch is 32.
 MIN_EPOCH_STEPS = 24
 MIN_BATCH = 8
 VALIDATION_SHARE = 0.2
