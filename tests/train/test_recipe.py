@@ -50,17 +50,19 @@ def test_the_budget_pays_for_the_probe_and_validation_and_the_fine_tune_gets_the
     # 1,437 training and 360 validation digits, batch 32: 45 steps an epoch
     r = plan_recipe(config(epochs=3), 1437, 360, 10, 8)
     assert r.probe and r.steps_per_epoch == 45 and r.validate_every == 1
-    # 135 steps + one validation (3.75) - the probe (18.7) - its flip test (6.0: the held-out fifth, twice)
-    # - 3 validations (11.25)
+    # 134.8 steps (45 an epoch, the last of 29 images: 0.925 of one) + one validation (3.75) - the probe (18.7)
+    # - its flip test (6.0: the held-out fifth, twice) - 3 validations (11.25)
     assert r.total_steps == 102 and r.epochs == 3 and r.steps_in(3) == 12
     assert plan_recipe(config(epochs=3, hflip=False), 1437, 360, 10, 8).total_steps == 108  # flips given: no test
     one = plan_recipe(config(epochs=1), 1437, 360, 10, 8)
     assert one.total_steps == 0 and "20 training steps after the probe" in one.why  # under half an epoch left
-    one = plan_recipe(config(epochs=1), 5000, 360, 10, 8)  # 157 steps an epoch: the probe leaves 80
-    assert one.total_steps == 80 and one.head_epochs == 0  # --epochs 1 still fine-tunes; no head-only epoch
-    # 10 images per class in batches of 32: 4 steps an epoch, validating 360 images costs 4: every 5th epoch
+    one = plan_recipe(config(epochs=1), 5000, 360, 10, 8)  # 156.2 steps an epoch (the last of 8): the probe leaves 79
+    assert one.total_steps == 79 and one.head_epochs == 0  # --epochs 1 still fine-tunes; no head-only epoch
+    # 10 images per class in batches of 32: 4 steps an epoch, the last of 4 images (0.3 of a step), so an epoch
+    # costs 3.3; validating 360 images costs 3.75: every 5th epoch. The budget (36.75) less the probe and its flip
+    # test (5.2) and 2 validations leaves 24.0: 7 epochs (23.1)
     few = plan_recipe(config(epochs=10, batch_size=32), 100, 360, 10, 8)
-    assert few.validate_every == 5 and few.total_steps == 31 and few.validates(5) and not few.validates(4)
+    assert few.validate_every == 5 and few.total_steps == 28 and few.validates(5) and not few.validates(4)
     assert few.validates(few.epochs)
     tiny = plan_recipe(config(epochs=1, batch_size=32), 100, 360, 10, 8)
     assert tiny.total_steps == 0 and "the probe alone" in tiny.why  # under half an epoch left
@@ -79,9 +81,9 @@ def test_few_images_per_class_give_the_probe_augmented_views_paid_from_the_budge
     assert photos.views == 4 and "4 augmented view(s) of each training image" in photos.why
     plain = plan_recipe(config(epochs=10, batch_size=32), 130, 260, 13, 8)  # 8 px files: crops keep 98%, a view is the image
     assert plain.views == 0 and "view" not in plain.why
-    # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 40.0 -> 34.6 left
-    # after 3 validations (every 3rd epoch of 5 steps, and the last)
-    assert (plain.total_steps, photos.total_steps) == (39, 34)
+    # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 37 -> 31 steps
+    # after 3 validations (every 3rd epoch of 5 steps, the last of 2 images, and the last epoch)
+    assert (plain.total_steps, photos.total_steps) == (37, 31)
     assert plan_recipe(config(epochs=10), 780, 260, 13, 96).views == 0  # 60 per class: enough already
     assert plan_recipe(config(epochs=10), 260, 260, 13, 96).views == 2  # 20 per class: at least 50 takes two
     assert plan_recipe(config(epochs=10, augment=False), 130, 260, 13, 96).views == 0
@@ -110,10 +112,13 @@ def test_after_a_probe_a_small_training_set_trains_in_smaller_batches_that_the_b
         assert small.batch == batch_size(config(), n) and as_loop.batch == 32
         assert small.steps_per_epoch == math.ceil(n / small.batch)
         # what the plan spends (probe, steps, validations) is within the seeds' loop's budget, counted alike
-        budget = epochs * math.ceil(n / 32) + forward_cost(360)
+        # (every step its images and its fixed cost, an epoch's last step the images left over)
+        budget = epochs * (n + 8 * math.ceil(n / 32)) / 40 + forward_cost(360)
         probe = forward_cost(n + 360 + 2 * 0.2 * n)
         validations = math.ceil(small.epochs / small.validate_every) if small.total_steps else 0
-        spent = probe + small.total_steps * step_cost(small.batch) + validations * forward_cost(360)
+        leftover = n - (small.steps_per_epoch - 1) * small.batch
+        spent = (probe + small.total_steps * step_cost(small.batch) + validations * forward_cost(360)
+                 - (small.total_steps // small.steps_per_epoch) * (step_cost(small.batch) - step_cost(leftover)))
         assert spent <= budget + 1e-9
         # a step of 8 costs more than a quarter of a step of 32: fewer images for the same budget
         if as_loop.total_steps:

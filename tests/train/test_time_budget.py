@@ -15,7 +15,7 @@ import pytest
 from torchgraft.cli import main
 from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.loop import BUDGET_FILE
-from torchgraft.train.recipe import FORWARD_COST, fine_tune_steps, plan_recipe
+from torchgraft.train.recipe import FORWARD_COST, fine_tune_steps, plan_recipe, steps_cost
 
 SMALL = ["--image-size", "32", "--batch-size", "16", "--workers", "0"]
 
@@ -30,41 +30,51 @@ def config(**kw) -> FinetuneConfig:
 @pytest.mark.parametrize("per_epoch", [1, 4, 45, 157])
 @pytest.mark.parametrize("val_steps", [0.0, 0.5, 3.75, 40.0])
 @pytest.mark.parametrize("every", [1, 2, 5])
-def test_the_fine_tune_takes_the_most_steps_whose_validations_still_fit(per_epoch, val_steps, every):
+@pytest.mark.parametrize("last", [1.0, 0.3])
+def test_the_fine_tune_takes_the_most_steps_whose_validations_still_fit(per_epoch, val_steps, every, last):
     for available in [0, 0.5, 1, 3.7, 10, 21.2, 99.9, 500, 2000.5]:
-        steps, validations = fine_tune_steps(available, per_epoch, val_steps, every)
+        steps, validations = fine_tune_steps(available, per_epoch, val_steps, every, last)
         epochs = math.ceil(steps / per_epoch)
         assert validations == math.ceil(epochs / every)  # every `every`-th epoch and the last
-        assert steps + validations * val_steps <= available + 1e-9  # it fits
+        # each epoch's last step (a partial batch) costs `last` of one
+        assert steps_cost(steps, per_epoch, last) + validations * val_steps <= available + 1e-9  # it fits
         more = steps + 1  # and one step more does not
-        assert more + math.ceil(math.ceil(more / per_epoch) / every) * val_steps > available
+        assert (steps_cost(more, per_epoch, last) + math.ceil(math.ceil(more / per_epoch) / every) * val_steps
+                > available)
 
 
 def test_validations_are_charged_for_the_fine_tunes_epochs_not_for_every_epochs_epoch():
-    # 100 training images in batches of 32 (4 steps an epoch), 40 to validate (0.42 steps each time): the probe
-    # takes 1.46 steps, so the fine-tune has 9 epochs, not 10, and pays 9 validations, not 10 (35 steps left;
-    # 34 charging 10)
-    r = plan_recipe(config(epochs=10, hflip=False, batch_size=32), 100, 40, 10, 8)
-    probe, val = (100 + 40) * FORWARD_COST / 32, 40 * FORWARD_COST / 32
+    # 100 training images in batches of 32 (4 steps an epoch, the last of 4 images: 0.3 of a step, so an epoch
+    # costs 3.3), 48 to validate (0.5 steps each time): the budget is 33.5, the probe takes 1.54, so the
+    # fine-tune has 9 epochs, not 10, and pays 9 validations, not 10: 33 steps (8 epochs and a step: 27.4);
+    # charging 10 validations would leave 32
+    r = plan_recipe(config(epochs=10, hflip=False, batch_size=32), 100, 48, 10, 8)
+    probe, val = (100 + 48) * FORWARD_COST / 32, 48 * FORWARD_COST / 32
     assert r.validate_every == 1
-    assert r.total_steps == math.floor(40 + val - probe - r.epochs * val) == 35 and r.epochs == 9
+    assert r.total_steps == 33 and r.epochs == 9
+    budget = 10 * 3.3 + val
+    assert steps_cost(33, 4, 0.3) + 9 * val + probe <= budget < steps_cost(34, 4, 0.3) + 9 * val + probe
+    assert steps_cost(33, 4, 0.3) + 10 * val + probe > budget >= steps_cost(32, 4, 0.3) + 10 * val + probe
 
 
 def test_a_time_budget_in_steps_plans_like_epochs_and_grows_with_the_minutes():
     # 1,437 training and 360 validation digits, batch 32: 45 steps an epoch; validation costs 3.75
     plans = [plan_recipe(config(time_budget=2), 1437, 360, 10, 8, budget_steps=steps)
-             for steps in (10, 40, 60, 135, 138.75, 500, 5000)]
+             for steps in (10, 40, 60, 135, 138.525, 500, 5000)]
     assert [p.total_steps for p in plans] == sorted(p.total_steps for p in plans)
     assert plans[0].total_steps == 0 and plans[1].total_steps == 0 and "the probe alone" in plans[0].why
     assert "the budget of 2 minute(s) (10 steps" in plans[0].why
-    # the same steps as --epochs 3 spends (3 epochs and one validation) give the same recipe
+    # the same steps as --epochs 3 spends (3 epochs of 44.925, the last step 29 images, and one validation)
+    # give the same recipe
     assert plans[4].total_steps == plan_recipe(config(epochs=3), 1437, 360, 10, 8).total_steps
-    for p, steps in zip(plans, (10, 40, 60, 135, 138.75, 500, 5000)):
+    for p, steps in zip(plans, (10, 40, 60, 135, 138.525, 500, 5000)):
         probe = (1437 + 360 + 2 * 0.2 * 1437) * FORWARD_COST / 32
-        assert p.total_steps == 0 or p.total_steps + math.ceil(p.epochs / p.validate_every) * 3.75 + probe <= steps
+        # an epoch's last step has 29 images: 37 / 40 of a step
+        spent = steps_cost(p.total_steps, 45, 37 / 40) + math.ceil(p.epochs / p.validate_every) * 3.75 + probe
+        assert p.total_steps == 0 or spent <= steps
     # without a probe, the epochs are what fits; the classifier-only epochs a fifth of them
     free = plan_recipe(config(time_budget=1, linear_probe=False), 1437, 360, 10, 8, budget_steps=460)
-    assert free.epochs == 10 and free.head_epochs == 2 and free.total_steps <= 460 - 10 * 3.75
+    assert free.epochs == 10 and free.head_epochs == 2 and steps_cost(free.total_steps, 45, 37 / 40) <= 460 - 10 * 3.75
     tiny = plan_recipe(config(time_budget=1, linear_probe=False), 1437, 360, 10, 8, budget_steps=3)
     assert tiny.total_steps >= 1 and tiny.head_epochs == 0  # at least a step: the run must train something
 

@@ -7,7 +7,7 @@ steps of `--batch-size` (32) images over the training images, and one pass over 
 `--time-budget`, the training steps that fit in the minutes left, at the seconds a step took on this machine
 (`budget_steps`, measured by the loop before it plans). Everything `graft finetune` does is counted in
 training steps of 32 images (`DEFAULT_BATCH`): a step of b images costs (b + `STEP_OVERHEAD`) / (32 +
-`STEP_OVERHEAD`) of one (`step_cost`), a forward pass without gradients about a third of an image's share of
+`STEP_OVERHEAD`) of one (`step_cost`; an epoch's last, partial step its own images: `epoch_cost`), a forward pass without gradients about a third of an image's share of
 one (`FORWARD_COST`):
 
 1. a linear probe first (`linear_probe` unset or true): the frozen backbone's features of the training and
@@ -38,8 +38,8 @@ from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.data import crops_for
 from torchgraft.train.probe import HELD_OUT
 
-__all__ = ["Recipe", "plan_recipe", "batch_size", "step_cost", "forward_cost", "fine_tune_steps", "probe_views",
-           "backbone_lr_mult", "FORWARD_COST", "STEP_OVERHEAD", "VALIDATION_SHARE"]
+__all__ = ["Recipe", "plan_recipe", "batch_size", "step_cost", "epoch_cost", "last_step", "steps_cost",
+           "forward_cost", "fine_tune_steps", "probe_views", "backbone_lr_mult", "FORWARD_COST", "STEP_OVERHEAD", "VALIDATION_SHARE"]
 
 FORWARD_COST = 1 / 3
 #: A training step's fixed cost, in images (the optimizer's step, the batch's augmentation, each
@@ -143,6 +143,12 @@ def step_cost(batch: int) -> float:
     return (batch + STEP_OVERHEAD) / (DEFAULT_BATCH + STEP_OVERHEAD)
 
 
+def epoch_cost(n_train: int, batch: int) -> float:
+    """One pass over `n_train` images in steps of `batch`, in the recipe's unit: every image, and every step's
+    fixed cost; the last, partial step costs its own images (100 images in steps of 32: 3.3 steps, not 4)."""
+    return (n_train + STEP_OVERHEAD * math.ceil(n_train / batch)) / (DEFAULT_BATCH + STEP_OVERHEAD)
+
+
 def forward_cost(images: float) -> float:
     """Forward passes without gradients over `images` images, in the recipe's unit (`FORWARD_COST`)."""
     return images * FORWARD_COST / DEFAULT_BATCH
@@ -164,15 +170,30 @@ def probe_views(config: FinetuneConfig, n_train: int, num_classes: int, native: 
     return max(0, min(PROBE_VIEWS, wanted, math.floor(PROBE_VIEWS_SHARE * budget / max(cost, 1e-9))))
 
 
-def fine_tune_steps(available: float, per_epoch: int, val_steps: float, every: int) -> tuple[int, int]:
+def fine_tune_steps(available: float, per_epoch: int, val_steps: float, every: int,
+                    last: float = 1.0) -> tuple[int, int]:
     """The most training steps, and the validations they bring (after every `every`-th epoch and the last),
-    that fit in `available` steps together: (0, 0) when not even one step does."""
-    for epochs in range(max(1, math.ceil(available / per_epoch)), 0, -1):
+    that fit in `available` steps together: (0, 0) when not even one step does. An epoch's last step costs
+    `last` of a step (a partial batch: `last_step`)."""
+    cheaper = 1 - last  # what each finished epoch saves on its last step
+    for epochs in range(max(1, math.ceil(available / (per_epoch - cheaper))), 0, -1):
         validations = math.ceil(epochs / every)
-        steps = min(epochs * per_epoch, math.floor(available - validations * val_steps))
+        room = available - validations * val_steps + (epochs - 1) * cheaper  # the finished epochs' last steps
+        whole = epochs * per_epoch
+        steps = whole if room >= whole - cheaper - 1e-9 else min(whole - 1, math.floor(room))
         if steps > (epochs - 1) * per_epoch:
             return steps, validations
     return 0, 0
+
+
+def steps_cost(steps: int, per_epoch: int, last: float = 1.0) -> float:
+    """What `steps` training steps cost, in steps, when each epoch's last one costs `last` of one."""
+    return steps - (steps // per_epoch) * (1 - last)
+
+
+def last_step(n_train: int, batch: int) -> float:
+    """An epoch's last step, of the images left over, as a share of a whole step of `batch` (1: none left over)."""
+    return step_cost(n_train - (math.ceil(n_train / batch) - 1) * batch) / step_cost(batch)
 
 
 def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: int, native: int,
@@ -184,18 +205,19 @@ def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: i
     batch = batch_size(config, n_train, world)
     step = step_cost(batch)
     per_epoch = math.ceil(n_train / batch)
+    last = last_step(n_train, batch)
     val_cost = forward_cost(n_val)
     every = max(1, math.ceil(val_cost / (VALIDATION_SHARE * per_epoch * step)))
     if budget_steps is None:
         epochs = config.epochs
         loop_batch = config.batch_size or DEFAULT_BATCH
         loop_steps = epochs * math.ceil(n_train / loop_batch)
-        budget = loop_steps * step_cost(loop_batch) + val_cost  # the seeds' loop: its epochs, then a validation
+        budget = epochs * epoch_cost(n_train, loop_batch) + val_cost  # the seeds' loop: its epochs, a validation
         on_images = epochs * per_epoch  # without a probe (the loop's batch)
         spent = f"the budget of {epochs} epoch(s) ({loop_steps} steps of {loop_batch} images)"
     else:
         budget = budget_steps * step
-        on_images = max(1, fine_tune_steps(budget / step, per_epoch, val_cost / step, every)[0])  # a step at least
+        on_images = max(1, fine_tune_steps(budget / step, per_epoch, val_cost / step, every, last)[0])  # one at least
         epochs = math.ceil(on_images / per_epoch)
         spent = (f"the budget of {config.time_budget:g} minute(s) ({math.floor(budget_steps)} steps of {batch} "
                  "images at the seconds this machine took for one)")
@@ -213,7 +235,7 @@ def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: i
     probe_cost = forward_cost(n_train * (1 + views) + n_val)
     if config.hflip is None and config.augment:  # the flip test: the held-out fifth, as it is and mirrored
         probe_cost += forward_cost(2 * HELD_OUT * n_train)
-    left, validations = fine_tune_steps((budget - probe_cost) / step, per_epoch, val_cost / step, every)
+    left, validations = fine_tune_steps((budget - probe_cost) / step, per_epoch, val_cost / step, every, last)
     head = config.head_epochs or 0
     if n_train < MIN_FINE_TUNE_PER_CLASS * num_classes:
         return Recipe(True, per_epoch, batch, 0, 0, every, views,
