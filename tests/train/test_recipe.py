@@ -23,6 +23,7 @@ from torchgraft.train.checkpoint import load_checkpoint, save_checkpoint
 from torchgraft.train.config import FinetuneConfig
 from torchgraft.train.data import augment, crops_for, decode_images, find_splits, preprocessing_for
 from torchgraft.train.digits import write_digits
+from torchgraft.train.loop import _even_shares
 from torchgraft.train.probe import L2_GRID, fit_probe, held_out_split
 from torchgraft.train.recipe import (DEFAULT_BATCH, MIN_BATCH, MIN_EPOCH_STEPS, batch_size, forward_cost,
                                      plan_recipe, step_cost)
@@ -59,11 +60,13 @@ def test_the_budget_pays_for_the_probe_and_validation_and_the_fine_tune_gets_the
     one = plan_recipe(config(epochs=1), 5000, 360, 10, 8)  # 156.2 steps an epoch (the last of 8): the probe leaves 79
     assert one.total_steps == 79 and one.head_epochs == 0  # --epochs 1 still fine-tunes; no head-only epoch
     # 10 images per class in batches of 32: 4 steps an epoch, the last of 4 images (0.3 of a step), so an epoch
-    # costs 3.3; validating 360 images costs 3.75: every 5th epoch. The budget (36.75) less the probe and its flip
-    # test (5.2) and 2 validations leaves 24.0: 7 epochs (23.1)
+    # costs 3.3. The budget (36.75) less the probe and its flip test (5.2) leaves 31.5 steps; validating 360
+    # images costs 3.75, so a fifth of them pays for one validation, at the end: 27.8 steps, 8 epochs (26.4)
     few = plan_recipe(config(epochs=10, batch_size=32), 100, 360, 10, 8)
-    assert few.validate_every == 5 and few.total_steps == 28 and few.validates(5) and not few.validates(4)
-    assert few.validates(few.epochs)
+    assert few.validate_every == 8 and few.total_steps == 32 and few.epochs == 8
+    assert few.validates(8) and not any(few.validates(e) for e in range(1, 8))
+    more = plan_recipe(config(epochs=30, batch_size=32), 100, 360, 10, 8)  # 5 validations fit in a fifth of 97.6
+    assert more.validate_every == 5 and [e for e in range(1, 25) if more.validates(e)] == [5, 10, 15, 20, 24]
     tiny = plan_recipe(config(epochs=1, batch_size=32), 100, 360, 10, 8)
     assert tiny.total_steps == 0 and "the probe alone" in tiny.why  # under half an epoch left
     # under 10 training images per class (on average): the probe alone, whatever the budget
@@ -81,9 +84,9 @@ def test_few_images_per_class_give_the_probe_augmented_views_paid_from_the_budge
     assert photos.views == 4 and "4 augmented view(s) of each training image" in photos.why
     plain = plan_recipe(config(epochs=10, batch_size=32), 130, 260, 13, 8)  # 8 px files: crops keep 98%, a view is the image
     assert plain.views == 0 and "view" not in plain.why
-    # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 37 -> 31 steps
-    # after 3 validations (every 3rd epoch of 5 steps, the last of 2 images, and the last epoch)
-    assert (plain.total_steps, photos.total_steps) == (37, 31)
+    # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 41 -> 35 steps
+    # after 2 validations (epochs of 5 steps, the last of 2 images; validating 260 images costs 2.7)
+    assert (plain.total_steps, photos.total_steps) == (41, 35)
     assert plan_recipe(config(epochs=10), 780, 260, 13, 96).views == 0  # 60 per class: enough already
     assert plan_recipe(config(epochs=10), 260, 260, 13, 96).views == 2  # 20 per class: at least 50 takes two
     assert plan_recipe(config(epochs=10, augment=False), 130, 260, 13, 96).views == 0
@@ -399,6 +402,30 @@ def test_two_processes_with_torchrun_match_one(tmp_path, mobilenet_v2_path, digi
     assert abs(ddp[-1]["val_acc"] - one[-1]["val_acc"]) <= 0.05, (ddp, one)
     state = load_file(tmp_path / "ddp" / "model.safetensors")
     assert not any(k.startswith("module.") for k in state)
+
+
+def test_an_epochs_last_batch_gives_every_process_images(tmp_path, mobilenet_v2_path, digits):
+    """120 training images in steps of 17: the epoch's last step has one image. Alone it would leave a second
+    process none, and BatchNorm training on batch statistics cannot normalise one 32 px image (its last maps
+    are 1x1); the step takes the epoch's first images again, and the run trains, on one process and on two."""
+    order = torch.randperm(120)
+    assert _even_shares(order[119:], order, 2).tolist() == [order[119], order[0]]
+    assert _even_shares(order[:17], order, 2).tolist() == [*order[:17], order[0]]  # 17 images: 9 and 9
+    assert len(_even_shares(order[:16], order, 2)) == 16  # already even: as it is
+    assert len(_even_shares(order[:16], order, 1)) == 16 and len(_even_shares(order[119:], order, 1)) == 1
+    assert _even_shares(order[119:], order, 1, least=2).tolist() == [order[119], order[0]]
+    assert len(_even_shares(order[119:], order, 2, least=2)) == 4  # two images for each process
+    args = ("--batch-size", "17", "--no-linear-probe", "--epochs", "1")
+    assert main(finetune(mobilenet_v2_path, digits, tmp_path / "one", *args)) == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli",
+                           *finetune(mobilenet_v2_path, digits, tmp_path / "ddp", *args)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in ("one", "ddp"):
+        (row,) = rows_of(tmp_path / run)
+        assert row["steps"] == 8 and math.isfinite(row["train_loss"]) and row["val_acc"] is not None
 
 
 def test_the_probes_augmented_views_are_the_same_in_two_processes(tmp_path, mobilenet_v2_path):

@@ -575,13 +575,16 @@ class _Run:
         seed, size = self.config.seed, self.batch
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         steps = recipe.steps_in(epoch)
-        global_batches = [order[i * size:(i + 1) * size] for i in range(steps)]
         tally = _Tally()
         lr = optimizer.param_groups[0]["lr"]
         module.train()
         # one pass per step unless no layer depends on the batch (BatchNorm frozen, as after a probe, or none):
         # then the CPU's passes are smaller, and their gradients add up to the step's
-        passes = size if _batch_dependent(self.model) else self._pass(size)
+        mixes = _batch_dependent(self.model)
+        passes = size if mixes else self._pass(size)
+        least = 2 if mixes else 1
+        global_batches = [_even_shares(order[i * size:(i + 1) * size], order, self.dist_info.world, least)
+                          for i in range(steps)]
         pixel_batches = images.batches([self._local(b) for b in global_batches], self._workers())
         for i, (pixels, index) in enumerate(zip(pixel_batches, global_batches)):
             step = (epoch - 1) * recipe.steps_per_epoch + i
@@ -620,6 +623,15 @@ def _training_crops(images: DecodedImages, hflip: bool | None) -> Crops:
     """The crops training uses (and the probe's augmented views): strength from the images' native size, flips
     on unless given or decided off."""
     return crops_for(images.native, True if hflip is None else hflip)
+
+
+def _even_shares(batch: torch.Tensor, order: torch.Tensor, world: int, least: int = 1) -> torch.Tensor:
+    """A global batch whose images split evenly over `world` processes, at least `least` each: an epoch's last,
+    partial batch takes the first images of the epoch's order again as it needs (as torch's DistributedSampler
+    pads an epoch), so no process is left without images, every process's loss weighs its images alike under
+    DDP's mean, and BatchNorm that trains on the batch (`least` 2) never sees a batch of one image."""
+    short = max(least * world - len(batch), -len(batch) % world)
+    return torch.cat([batch, order[:short]]) if short else batch
 
 
 def _uniforms(n: int, seed: int) -> torch.Tensor:

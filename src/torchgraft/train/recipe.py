@@ -21,9 +21,10 @@ one (`FORWARD_COST`):
    training set the one that gives an epoch `MIN_EPOCH_STEPS` steps, at least `MIN_BATCH`: BatchNorm is
    frozen after the probe, so no layer depends on the batch's size, and more, smaller steps for the same
    compute train further;
-3. validation after every epoch when it costs at most `VALIDATION_SHARE` of an epoch's steps, else every k-th
-   epoch (and always after the last), so a large validation set and a small training set do not spend the
-   budget on measuring;
+3. validation after every k-th epoch and always after the last, k as small as keeps all the validations within
+   `VALIDATION_SHARE` of the training's steps (`validation_every`): after every epoch on enough images, once
+   at the end of a short fine-tune on few, so a large validation set and a small training set do not spend
+   the budget on measuring;
 4. warmup counted in steps (10% of each phase's steps, at most 100), cosine decay to zero at the phase's end;
 5. the backbone at a fifth of the classifier's learning rate after a probe (its BatchNorm frozen), half of it
    without one (`backbone_lr_mult`).
@@ -39,7 +40,8 @@ from torchgraft.train.data import crops_for
 from torchgraft.train.probe import HELD_OUT
 
 __all__ = ["Recipe", "plan_recipe", "batch_size", "step_cost", "epoch_cost", "last_step", "steps_cost",
-           "forward_cost", "fine_tune_steps", "probe_views", "backbone_lr_mult", "FORWARD_COST", "STEP_OVERHEAD", "VALIDATION_SHARE"]
+           "validation_every", "forward_cost", "fine_tune_steps", "probe_views", "backbone_lr_mult", "FORWARD_COST",
+           "STEP_OVERHEAD", "VALIDATION_SHARE"]
 
 FORWARD_COST = 1 / 3
 #: A training step's fixed cost, in images (the optimizer's step, the batch's augmentation, each
@@ -186,6 +188,14 @@ def fine_tune_steps(available: float, per_epoch: int, val_steps: float, every: i
     return 0, 0
 
 
+def validation_every(available: float, per_epoch: int, val_steps: float) -> int:
+    """Validate after every k-th epoch (and the last) of a training of `available` steps: as often as keeps the
+    validations within `VALIDATION_SHARE` of those steps, and once at least."""
+    epochs = max(1, math.ceil(available / per_epoch))
+    validations = max(1, math.floor(VALIDATION_SHARE * max(available, 0) / max(val_steps, 1e-9)))
+    return max(1, math.ceil(epochs / validations))
+
+
 def steps_cost(steps: int, per_epoch: int, last: float = 1.0) -> float:
     """What `steps` training steps cost, in steps, when each epoch's last one costs `last` of one."""
     return steps - (steps // per_epoch) * (1 - last)
@@ -207,16 +217,17 @@ def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: i
     per_epoch = math.ceil(n_train / batch)
     last = last_step(n_train, batch)
     val_cost = forward_cost(n_val)
-    every = max(1, math.ceil(val_cost / (VALIDATION_SHARE * per_epoch * step)))
     if budget_steps is None:
         epochs = config.epochs
         loop_batch = config.batch_size or DEFAULT_BATCH
         loop_steps = epochs * math.ceil(n_train / loop_batch)
         budget = epochs * epoch_cost(n_train, loop_batch) + val_cost  # the seeds' loop: its epochs, a validation
         on_images = epochs * per_epoch  # without a probe (the loop's batch)
+        every = validation_every(on_images, per_epoch, val_cost / step)
         spent = f"the budget of {epochs} epoch(s) ({loop_steps} steps of {loop_batch} images)"
     else:
         budget = budget_steps * step
+        every = validation_every(budget / step, per_epoch, val_cost / step)
         on_images = max(1, fine_tune_steps(budget / step, per_epoch, val_cost / step, every, last)[0])  # one at least
         epochs = math.ceil(on_images / per_epoch)
         spent = (f"the budget of {config.time_budget:g} minute(s) ({math.floor(budget_steps)} steps of {batch} "
@@ -235,7 +246,9 @@ def plan_recipe(config: FinetuneConfig, n_train: int, n_val: int, num_classes: i
     probe_cost = forward_cost(n_train * (1 + views) + n_val)
     if config.hflip is None and config.augment:  # the flip test: the held-out fifth, as it is and mirrored
         probe_cost += forward_cost(2 * HELD_OUT * n_train)
-    left, validations = fine_tune_steps((budget - probe_cost) / step, per_epoch, val_cost / step, every, last)
+    available = (budget - probe_cost) / step
+    every = validation_every(available, per_epoch, val_cost / step)
+    left, validations = fine_tune_steps(available, per_epoch, val_cost / step, every, last)
     head = config.head_epochs or 0
     if n_train < MIN_FINE_TUNE_PER_CLASS * num_classes:
         return Recipe(True, per_epoch, batch, 0, 0, every, views,
