@@ -7,8 +7,9 @@ steps of `--batch-size` (32) images over the training images, and one pass over 
 `--time-budget`, the training steps that fit in the minutes left, at the seconds a step took on this machine
 (`budget_steps`, measured by the loop before it plans). Everything `graft finetune` does is counted in
 training steps of 32 images (`DEFAULT_BATCH`): a step of b images costs (b + `STEP_OVERHEAD`) / (32 +
-`STEP_OVERHEAD`) of one (`step_cost`; an epoch's last, partial step its own images: `epoch_cost`), a forward pass without gradients about a third of an image's share of
-one (`FORWARD_COST`):
+`STEP_OVERHEAD`) of one (`step_cost`; an epoch's last, partial step its own images, on both sides:
+`epoch_cost`, `last_step`), a forward pass without gradients about a third of an image's share of one
+(`FORWARD_COST`):
 
 1. a linear probe first (`linear_probe` unset or true): the frozen backbone's features of the training and
    validation images, computed once, and a classifier fitted on them to convergence (`probe.fit_probe`);
@@ -57,6 +58,8 @@ DEFAULT_BATCH = 32
 #: training images the batch is 32.
 MIN_EPOCH_STEPS = 24
 MIN_BATCH = 8
+#: The validations of a training together cost at most this share of its steps (`validation_every`), and it
+#: validates once at least, after its last epoch.
 VALIDATION_SHARE = 0.2
 MAX_WARMUP = 100
 #: The backbone's learning rate as a fraction of the classifier's: after a probe BatchNorm stays frozen, and
