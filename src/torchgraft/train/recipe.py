@@ -149,9 +149,9 @@ def step_cost(batch: int) -> float:
 
 
 def epoch_cost(n_train: int, batch: int) -> float:
-    """One pass over `n_train` images in steps of `batch`, in the recipe's unit: every image, and every step's
-    fixed cost; the last, partial step costs its own images (100 images in steps of 32: 3.3 steps, not 4)."""
-    return (n_train + STEP_OVERHEAD * math.ceil(n_train / batch)) / (DEFAULT_BATCH + STEP_OVERHEAD)
+    """One pass over `n_train` images in steps of `batch`, in the recipe's unit: whole steps, and the last,
+    partial one at its own images (`last_step`; 100 images in steps of 32: 3.3 steps, not 4)."""
+    return (math.ceil(n_train / batch) - 1 + last_step(n_train, batch)) * step_cost(batch)
 
 
 def forward_cost(images: float) -> float:
