@@ -82,7 +82,8 @@ def test_few_images_per_class_give_the_probe_augmented_views_paid_from_the_budge
     # 13 classes of 10 photographs, 96 px files, batches of 32: 5 steps an epoch; the probe also sees 4 views
     photos = plan_recipe(config(epochs=10, batch_size=32), 130, 260, 13, 96)
     assert photos.views == 4 and "4 augmented view(s) of each training image" in photos.why
-    plain = plan_recipe(config(epochs=10, batch_size=32), 130, 260, 13, 8)  # 8 px files: crops keep 98%, a view is the image
+    # 8 px files: crops keep 98%, a view is the image
+    plain = plan_recipe(config(epochs=10, batch_size=32), 130, 260, 13, 8)
     assert plain.views == 0 and "view" not in plain.why
     # the views' forward passes (4 x 130 / 32 / 3 = 5.4 steps) come out of the fine-tune's: 41 -> 35 steps
     # after 2 validations (epochs of 5 steps, the last of 2 images; validating 260 images costs 2.7)
@@ -454,3 +455,24 @@ def test_the_probes_augmented_views_are_the_same_in_two_processes(tmp_path, mobi
     assert main(finetune(mobilenet_v2_path, data, plain, "--linear-probe", "--epochs", "3", "--no-augment")) == 0
     (alone,) = rows_of(plain)
     assert "view" not in alone["note"] and alone["val_loss"] != pytest.approx(one["val_loss"], rel=1e-3)
+
+
+def test_two_processes_compute_the_features_of_fewer_images_than_processes(tmp_path, mobilenet_v2_path):
+    """A validation set of one image: one of two processes has none of its features to compute. It runs one
+    image for the features' shape and keeps none, so the run goes on and scores that image as one process does."""
+    data = write_digits(tmp_path / "one_val", size=32, train_per_class=3, val_per_class=1)
+    kept = sorted((data / "val").rglob("*.png"))
+    for extra in kept[1:]:
+        extra.unlink()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    args = finetune(mobilenet_v2_path, data, tmp_path / "ddp", "--linear-probe", "--epochs", "1")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = finetune(mobilenet_v2_path, data, tmp_path / "one", "--linear-probe", "--epochs", "1")
+    alone = subprocess.run([sys.executable, "-m", "torchgraft.cli", *args], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    (ddp,), (one,) = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
+    assert ddp["val_acc"] == one["val_acc"] and abs(ddp["val_loss"] - one["val_loss"]) < 1e-3, (ddp, one)

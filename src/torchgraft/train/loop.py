@@ -530,12 +530,12 @@ class _Run:
         handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
         was_training = self.model.training
         self.model.eval()
-        local = self._local(index)
+        uniforms = None if crops is None else _uniforms(len(index), self.config.seed * 104_729 + view)
+        local, u = self._local(index), None if uniforms is None else self._local(uniforms)
+        keep = len(local)
+        if not keep and len(index):  # fewer images than processes: one image's features, for their shape, kept none
+            local, u = index[:1], None if uniforms is None else uniforms[:1]
         size = self._eval_pass()
-        u = None
-        if crops is not None:
-            seed = self.config.seed * 104_729 + view
-            u = self._local(_uniforms(len(index), seed))
         try:
             chunks = [local[i:i + size] for i in range(0, len(local), size)]
             for i, pixels in enumerate(images.batches(chunks, self._workers())):
@@ -545,10 +545,7 @@ class _Run:
         finally:
             handle.remove()
             self.model.train(was_training)
-        if self.dist_info.world > 1 and not captured:
-            raise GraftError("a process received no images to compute features for; expected at least one image "
-                             "per process; use fewer processes.")
-        mine = torch.cat(captured).flatten(1) if captured else torch.zeros(0, 1)
+        mine = torch.cat(captured).flatten(1)[:keep] if captured else torch.zeros(0, 1)
         return _gather_rows(mine, len(index), self.dist_info)
 
     def _pass(self, n: int) -> int:
