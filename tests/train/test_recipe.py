@@ -40,6 +40,20 @@ def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def probe_in_two_processes_and_one(tmp_path: Path, weights, data: Path, *extra) -> tuple[list[dict], list[dict]]:
+    """`--linear-probe` runs on `data`, with 2-process torchrun (tmp_path/ddp) and alone (tmp_path/one), each
+    process with one thread (the alone run with the threads each of the two had: the features' float sums then
+    differ only by the split); each run's metrics rows."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    for launch, run in (([str(torchrun), "--standalone", "--nproc_per_node=2"], "ddp"), ([sys.executable], "one")):
+        args = finetune(weights, data, tmp_path / run, "--linear-probe", *extra)
+        proc = subprocess.run([*launch, "-m", "torchgraft.cli", *args], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
+
+
 # ---- the rule, alone ---------------------------------------------------------------------------------------
 
 
@@ -433,18 +447,7 @@ def test_the_probes_augmented_views_are_the_same_in_two_processes(tmp_path, mobi
     """48 px files, 4 images per class: the probe fits views of each image too; their crops are drawn per image,
     not per process, so two processes fit the probe one process fits."""
     data = write_digits(tmp_path / "views", size=48, train_per_class=4, val_per_class=3)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    args = finetune(mobilenet_v2_path, data, tmp_path / "ddp", "--linear-probe", "--epochs", "3")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # one process with the threads each of the two had: the features' float sums then differ only by the split
-    args = finetune(mobilenet_v2_path, data, tmp_path / "one", "--linear-probe", "--epochs", "3")
-    alone = subprocess.run([sys.executable, "-m", "torchgraft.cli", *args], capture_output=True, text=True, env=env,
-                           timeout=600)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    (ddp,), (one,) = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
+    (ddp,), (one,) = probe_in_two_processes_and_one(tmp_path, mobilenet_v2_path, data, "--epochs", "3")
     # 40 images of 10 classes want 4 views (50 per class); a third of the budget (9 steps of 16 images, worth
     # 5.4 of 32, and 0.3 of validation) pays for 4 of 0.42 each
     assert "fitted 4 augmented view(s) of each training image (crops keeping 86%-100%" in one["note"], one
@@ -464,15 +467,5 @@ def test_two_processes_compute_the_features_of_fewer_images_than_processes(tmp_p
     kept = sorted((data / "val").rglob("*.png"))
     for extra in kept[1:]:
         extra.unlink()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    torchrun = Path(sys.executable).parent / "torchrun"
-    args = finetune(mobilenet_v2_path, data, tmp_path / "ddp", "--linear-probe", "--epochs", "1")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "torchgraft.cli", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    args = finetune(mobilenet_v2_path, data, tmp_path / "one", "--linear-probe", "--epochs", "1")
-    alone = subprocess.run([sys.executable, "-m", "torchgraft.cli", *args], capture_output=True, text=True, env=env,
-                           timeout=600)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    (ddp,), (one,) = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
+    (ddp,), (one,) = probe_in_two_processes_and_one(tmp_path, mobilenet_v2_path, data, "--epochs", "1")
     assert ddp["val_acc"] == one["val_acc"] and abs(ddp["val_loss"] - one["val_loss"]) < 1e-3, (ddp, one)
